@@ -1,0 +1,278 @@
+"""
+Loader for the Java product's C{application.properties}.
+
+The keys are mapped onto the same L{Settings} model as the TOML loader.  Keys
+of capabilities we do not have yet become L{Settings.notices}; keys asking for
+TLS we cannot provide are errors (refusing to start is safer than serving
+plaintext where TLS is expected); any other key is an error, so that a typo
+never silently falls back to a default.  Values of keys whose name contains
+C{password} never appear in a notice or an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from mydataproxy.config import (
+    ConfigError,
+    IPNetwork,
+    Settings,
+    parseNetwork,
+    resolvePath,
+)
+
+# --- The .properties syntax (the subset of java.util.Properties.load used by
+# --- Spring Boot): comments, separators, continuations, escapes.
+
+_BLANK = " \t\f"
+_ENTRY = re.compile(r"((?:\\.|[^\\=: \t\f])*)[ \t\f]*[=:]?[ \t\f]*(.*)", re.DOTALL)
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)", re.DOTALL)
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape(text: str) -> str:
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        if len(code) == 5:
+            return chr(int(code[1:], 16))
+        if code == "u":
+            raise ValueError("malformed \\uXXXX escape")
+        return _ESCAPES.get(code, code)
+
+    return _ESCAPE.sub(one, text)
+
+
+def parseProperties(text: str, source: str) -> list[tuple[str, str, int]]:
+    """
+    Parse C{.properties} text into C{(key, value, line)} in file order, where
+    C{line} is the line number on which the key's logical line starts.
+
+    @raise ConfigError: On a malformed C{\\uXXXX} escape.
+    """
+    entries: list[tuple[str, str, int]] = []
+    pending: str | None = None
+    start = 0
+    lines = re.split(r"\r\n|\r|\n", text)
+    for number, line in enumerate(lines, start=1):
+        stripped = line.lstrip(_BLANK)
+        if pending is None:
+            if not stripped or stripped[0] in "#!":
+                continue
+            pending, start = "", number
+        pending += stripped
+        odd = (len(pending) - len(pending.rstrip("\\"))) % 2
+        if odd:
+            pending = pending[:-1]  # Drop the continuation backslash.
+            if number < len(lines):
+                continue
+        key, value = _ENTRY.fullmatch(pending).groups()  # type: ignore[union-attr]
+        try:
+            key = _unescape(key)
+        except ValueError as e:
+            raise ConfigError(source, None, f"in a key: {e}", start) from None
+        try:
+            entries.append((key, _unescape(value), start))
+        except ValueError as e:
+            raise ConfigError(source, key, str(e), start) from None
+        pending = None
+    return entries
+
+
+# --- Values.
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ALWAYS_FILTERED = frozenset({b"host", b"x-target-host"})
+_DEFAULT_PORT = 9000
+
+
+def _integer(text: str, minimum: int) -> int:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError("must be an integer")
+    number = int(text)
+    if number < minimum:
+        raise ValueError(f"must be at least {minimum}")
+    return number
+
+
+def _port(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text) or not 1 <= int(text) <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return int(text)
+
+
+def _address(text: str) -> str:
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError("must be an IP address (host names are not resolved)") from None
+
+
+def _seconds(text: str) -> float:
+    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", text) or not float(text) > 0:
+        raise ValueError("must be a number of seconds greater than 0")
+    return float(text)
+
+
+def _headers(text: str) -> frozenset[bytes]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid header name")
+    return frozenset(n.lower().encode("ascii") for n in names) | _ALWAYS_FILTERED
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(parseNetwork(p) for p in re.split(r"[;,]", text) if p.strip())
+
+
+def _flag(text: str) -> bool:
+    # Spring's String-to-Boolean conversion.
+    if text.lower() in ("true", "on", "yes", "1"):
+        return True
+    if text.lower() in ("false", "off", "no", "0"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _path(text: str) -> str:
+    if not text:
+        raise ValueError("must be a file name")
+    return text
+
+
+# key -> (section, field, converter); "listen" is assembled afterwards.
+_MAPPED: dict[str, tuple[str, str, Callable[[str], object]]] = {
+    "server.port": ("listen", "port", _port),
+    "server.address": ("listen", "address", _address),
+    "proxy.header.filter": ("forward", "header_filter", _headers),
+    "proxy.ip.allow": ("forward", "client_allow", _networks),
+    "proxy.ssl.client.connectTimeout": ("upstream", "connect_timeout", _seconds),
+    "proxy.ssl.client.socketTimeout": ("upstream", "read_timeout", _seconds),
+    "proxy.ssl.client.connectionRequestTimeout": (
+        "upstream", "pool_wait_timeout", _seconds),
+    "proxy.httpclient.maxConnPerRoute": (
+        "upstream", "max_connections_per_destination", lambda t: _integer(t, 1)),
+    "proxy.httpclient.maxConnTotal": (
+        "upstream", "max_connections_total", lambda t: _integer(t, 1)),
+    "logging.file.name": ("logging", "access_log", _path),
+}
+
+# Keys that must not be true: we cannot do what they ask.
+_REFUSED = {
+    "server.ssl.enabled": "TLS on the listener is not supported yet; refusing to "
+    "start rather than serve plaintext where TLS is expected (terminate TLS in "
+    "front of the proxy and set it to false)",
+    "proxy.ssl.client.enabled": "outbound mutual TLS is not supported yet; "
+    "refusing to start rather than connect without the client certificate",
+}
+
+_NOT_YET = "is not supported yet and is ignored"
+_NOTICED = {
+    key: _NOT_YET
+    for key in (
+        "server.ssl.key-store", "server.ssl.key-store-password",
+        "server.ssl.key-password", "server.ssl.trust-store",
+        "server.ssl.trust-store-password", "server.ssl.client-auth",
+        "server.ssl.reloadShell", "proxy.ssl.client.validateCertificate",
+        "proxy.ssl.client.tls-version",
+        "proxy.httpclient.disableContentCompression", "logging.file.max-size",
+        "debug",
+    )
+}
+_NOTICED["spring.application.name"] = "has no meaning here and is ignored"
+
+_KNOWN = [*_MAPPED, *_REFUSED, *_NOTICED, "logging.level.root"]
+
+
+def _shown(key: str, value: str) -> str:
+    return "(value hidden)" if "password" in key.lower() else repr(value)
+
+
+def loadProperties(path: Path) -> Settings:
+    """
+    Load the Java product's C{application.properties} into L{Settings}.
+
+    @raise ConfigError: If the file cannot be read, has a key we do not know or
+        a bad value, or asks for TLS that we cannot provide.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(source, None, f"cannot read: {e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("iso-8859-1")  # What Spring Boot 2 reads it as.
+
+    values: dict[str, dict[str, object]] = {
+        "listen": {}, "forward": {}, "upstream": {}, "logging": {}}
+    lines: dict[str, int] = {}  # The line of each key's last (winning) entry.
+    notices: list[str] = []
+    for key, value, line in parseProperties(text, source):
+        if key in lines:
+            notices.append(f"{source}:{line}: {key} is set again (also at line "
+                           f"{lines[key]}); the last value wins")
+        lines[key] = line
+        value = value.strip()
+        try:
+            if key in _MAPPED:
+                section, name, convert = _MAPPED[key]
+                values[section][name] = convert(value)
+            elif key in _REFUSED:
+                if _flag(value):
+                    raise ConfigError(source, key, _REFUSED[key], line)
+            elif key in _NOTICED or key.startswith("logging.level."):
+                reason = _NOTICED.get(key, _NOT_YET)
+                notices.append(f"{source}:{line}: {key} {reason}")
+            else:
+                close = difflib.get_close_matches(key, _KNOWN, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(source, key, f"unknown key{hint}", line)
+        except ValueError as e:
+            problem = f"{e}, not {_shown(key, value)}"
+            raise ConfigError(source, key, problem, line) from None
+
+    defaults = Settings()
+    forward = replace(defaults.forward, **values["forward"])
+    listen = values["listen"]
+    if listen:
+        # Like Spring: all interfaces unless server.address narrows it.
+        description = f"tcp:{listen.get('port', _DEFAULT_PORT)}"
+        if "address" in listen:
+            escaped = str(listen["address"]).replace(":", "\\:")
+            description += f":interface={escaped}"
+        _checkEndpoint(source, description, lines)
+        forward = replace(forward, listen=description)
+    logging = dict(values["logging"])
+    if "access_log" in logging:
+        logging["access_log"] = resolvePath(str(logging["access_log"]), path.parent)
+    return replace(
+        defaults,
+        source=source,
+        forward=forward,
+        upstream=replace(defaults.upstream, **values["upstream"]),
+        logging=replace(defaults.logging, **logging),
+        notices=tuple(notices),
+    )
+
+
+def _checkEndpoint(source: str, description: str, lines: dict[str, int]) -> None:
+    """Defence in depth: the assembled listener must parse as Twisted's would."""
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        key = "server.address" if "server.address" in lines else "server.port"
+        raise ConfigError(
+            source, key, f"gives an invalid listener {description!r}: {e}", lines[key]
+        ) from None

@@ -1,0 +1,99 @@
+"""
+The daemon's service tree: listeners, the upstream pool and the access log,
+started and stopped together by twistd.
+"""
+
+from __future__ import annotations
+
+import txaio
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from mydataproxy.config import Settings
+from mydataproxy.forward import ForwardProxy
+from mydataproxy.logs import AccessLog
+from mydataproxy.upstream import UpstreamPool
+
+txaio.use_twisted()
+log = txaio.make_logger()
+
+
+class ListenerError(Exception):
+    """A configured listener could not be started."""
+
+
+class ListenerService(Service):
+    """
+    Listens on one endpoint description, and refuses to start without it.
+
+    Twisted's C{StreamServerEndpointService} only logs a failed bind and runs
+    on without the port; a proxy that silently lacks its port is worse than
+    one that does not start, so a failure here is raised to twistd.
+    """
+
+    def __init__(self, name: str, description: str, factory: Factory, reactor) -> None:
+        self.setName(name)
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        outcome: list = []
+        endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:
+            raise ListenerError(f"{self.name}: {self.description} did not start listening at once")
+        if isinstance(outcome[0], Failure):
+            raise ListenerError(
+                f"{self.name}: cannot listen on {self.description}: {outcome[0].getErrorMessage()}"
+            )
+        self.port = outcome[0]
+        log.info("{name} listening on {address}", name=self.name, address=self.port.getHost())
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class ProxyService(MultiService):
+    """The whole daemon for one L{Settings}."""
+
+    def __init__(self, settings: Settings, reactor) -> None:
+        super().__init__()
+        self.settings = settings
+        self.accessLog = AccessLog(settings.logging.access_log)
+        self.pool = UpstreamPool(reactor, settings.upstream)
+        forward = ForwardProxy(settings, self.pool, self.accessLog, reactor)
+        ListenerService("forward", settings.forward.listen, forward, reactor).setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        txaio.set_global_log_level(self.settings.logging.level)
+        log.info("configuration from {source}", source=self.settings.source)
+        for notice in self.settings.notices:
+            log.warn("{notice}", notice=notice)
+        if not self.settings.forward.client_allow:
+            log.info("forward.client_allow is empty: every client that reaches the listener may use it")
+        self.accessLog.start()
+        super().privilegedStartService()
+
+    def stopService(self) -> Deferred:
+        d = super().stopService()
+        self.pool.closeIdle()
+        d.addBoth(lambda result: (self.accessLog.stop(), result)[1])
+        return d
+
+
+def makeService(settings: Settings, reactor=None) -> ProxyService:
+    """Build the daemon's service tree (nothing listens until it starts)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    return ProxyService(settings, reactor)

@@ -1,0 +1,152 @@
+"""
+Where a forward-proxy request goes: the three request forms, parsed into a
+L{Target} or refused with a L{Refusal} (status and short reason).
+
+  - absolute-form  C{GET http://host:port/path?q HTTP/1.1}  (RFC 9112 3.2.2)
+  - header-routed  C{GET /path?q} with C{x-target-host: https://host[:port][/base]},
+    the Java product's mode: target = header value + raw path + raw query
+  - authority-form C{CONNECT host:port}                       (RFC 9112 3.2.3)
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from mydataproxy.upstream import Destination
+
+MISSING_TARGET_HOST = "you have to include x-target-host header"
+
+
+class Mode(enum.Enum):
+    ABSOLUTE = "absolute"
+    HEADER = "header"
+    CONNECT = "connect"
+
+
+class Refusal(Exception):
+    """A request the proxy answers itself, with C{status} and C{reason}."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """
+    A parsed request target.
+
+    @ivar path: The origin-form request target to send (raw path and query),
+        or C{b""} for CONNECT.
+    """
+
+    mode: Mode
+    destination: Destination
+    path: bytes
+
+    @property
+    def display(self) -> str:
+        """How the access log shows this target."""
+        if self.mode is Mode.CONNECT:
+            host = self.destination.host
+            return f"[{host}]:{self.destination.port}" if ":" in host else f"{host}:{self.destination.port}"
+        return str(self.destination) + self.path.decode("ascii", "replace")
+
+
+_REG_NAME = re.compile(rb"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?$")
+
+
+def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
+    """
+    Split C{host[:port]} (host may be a bracketed IPv6 literal).
+
+    @param defaultPort: Used when no port is given; L{None} makes the port
+        mandatory.
+    @raise Refusal: 400 if malformed.
+    """
+    if b"@" in authority:
+        raise Refusal(400, "userinfo is not allowed in the request target")
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0:
+            raise Refusal(400, "unterminated IPv6 literal")
+        hostBytes, rest = authority[1:end], authority[end + 1 :]
+        try:
+            host = str(ipaddress.IPv6Address(hostBytes.decode("ascii")))
+        except ValueError:
+            raise Refusal(400, "invalid IPv6 literal") from None
+        if rest and not rest.startswith(b":"):
+            raise Refusal(400, "malformed authority")
+        portBytes = rest[1:] if rest else None
+    else:
+        hostBytes, colon, portBytes = authority.partition(b":")
+        if not colon:
+            portBytes = None
+        if not _REG_NAME.match(hostBytes):
+            raise Refusal(400, "invalid host name")
+        host = hostBytes.decode("ascii").lower()
+    if portBytes is None or portBytes == b"":
+        if defaultPort is None:
+            raise Refusal(400, "a port is required")
+        return host, defaultPort
+    if not portBytes.isdigit() or len(portBytes) > 5 or not 0 < int(portBytes) < 65536:
+        raise Refusal(400, "invalid port")
+    return host, int(portBytes)
+
+
+def parseURL(url: bytes) -> tuple[Destination, bytes]:
+    """
+    Split an absolute C{http(s)://} URL into its destination and the rest
+    (path and query, raw).
+
+    @raise Refusal: 400 if malformed or not http/https.
+    """
+    scheme, sep, rest = url.partition(b"://")
+    scheme = scheme.lower()
+    if not sep or scheme not in (b"http", b"https"):
+        raise Refusal(400, "only http:// and https:// targets are supported")
+    cut = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        index = rest.find(delimiter)
+        if 0 <= index < cut:
+            cut = index
+    authority, remainder = rest[:cut], rest[cut:]
+    if b"#" in remainder:
+        raise Refusal(400, "a fragment is not allowed in the request target")
+    host, port = parseAuthority(authority, 443 if scheme == b"https" else 80)
+    return Destination(scheme.decode("ascii"), host, port), remainder
+
+
+def parseTarget(method: bytes, uri: bytes, targetHosts: list[bytes] | None) -> Target:
+    """
+    Decide where a request goes.
+
+    @param targetHosts: The values of the request's C{x-target-host} fields
+        (L{None} if absent).
+    @raise Refusal: 400 for malformed targets, 403 for an origin-form request
+        without C{x-target-host}.
+    """
+    if method == b"CONNECT":
+        host, port = parseAuthority(uri, None)
+        return Target(Mode.CONNECT, Destination("tcp", host, port), b"")
+    if uri[:1] == b"/":
+        if not targetHosts:
+            raise Refusal(403, MISSING_TARGET_HOST)
+        if len(targetHosts) > 1:
+            raise Refusal(400, "more than one x-target-host header")
+        destination, base = parseURL(targetHosts[0].strip())
+        if b"?" in base or b"#" in base:
+            raise Refusal(400, "x-target-host must not carry a query or fragment")
+        if base.endswith(b"/"):
+            base = base[:-1]
+        return Target(Mode.HEADER, destination, base + uri)
+    if b"://" in uri:
+        destination, remainder = parseURL(uri)
+        if not remainder.startswith(b"/"):
+            remainder = b"/" + remainder
+        return Target(Mode.ABSOLUTE, destination, remainder)
+    raise Refusal(400, "unsupported request target form")

@@ -1,0 +1,35 @@
+"""twistd plugin: C{twistd -n mydataproxy [--config FILE]}."""
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None, "Config file: native TOML, or the Java product's application.properties."],
+    ]
+
+    def postOptions(self) -> None:
+        from mydataproxy import config
+
+        try:
+            self["settings"] = config.load(self["config"]) if self["config"] else config.Settings()
+        except config.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+@implementer(IServiceMaker, IPlugin)
+class MyDataProxyServiceMaker:
+    tapname = "mydataproxy"
+    description = "MyData Proxy: forward proxy (absolute-form, x-target-host, CONNECT) for MyData traffic."
+    options = Options
+
+    def makeService(self, options: Options):
+        from mydataproxy.service import makeService
+
+        return makeService(options["settings"])
+
+
+serviceMaker = MyDataProxyServiceMaker()
