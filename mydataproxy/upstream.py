@@ -267,6 +267,8 @@ class UpstreamConnection(Protocol):
                 if not self._remaining:
                     self._state = _State.CHUNK_END
             elif state is _State.CHUNK_END:
+                if not b"\r\n".startswith(self._buffer[:2]):
+                    raise InvalidResponse("chunk not followed by CRLF")
                 if len(self._buffer) < 2:
                     return
                 if self._buffer[:2] != b"\r\n":
@@ -441,6 +443,7 @@ class UpstreamExchange:
         self._pendingBody: list[bytes] = []
         self._pendingSize = 0
         self._bodyPaused = False
+        self._bodyRegistered = False
         self._bodyDone = framing is BodyFraming.NONE
         self._responseDone = False
         self._readPaused = False
@@ -468,6 +471,7 @@ class UpstreamExchange:
         self._flushPending()
         if not self._bodyDone:
             connection.transport.registerProducer(self._bodyProducer, True)
+            self._bodyRegistered = True
         if self._bodyPaused:
             self._bodyPaused = False
             self._bodyProducer.resumeProducing()
@@ -508,7 +512,7 @@ class UpstreamExchange:
             else:
                 self._connection.transport.write(b"0\r\n\r\n")
         if self._connection is not None:
-            self._connection.transport.unregisterProducer()
+            self._unregisterBody()
             if self._responseDone:
                 self._releaseConnection()
 
@@ -535,13 +539,14 @@ class UpstreamExchange:
             # The origin answered before taking the whole body; the rest of
             # the body has nowhere to go, so this connection can't be reused.
             self._connection.reusable = False
-            self._connection.transport.unregisterProducer()
+            self._unregisterBody()
             self._releaseConnection()
         self._ended = True
         self._receiver.responseFinished()
 
     def connectionFailed(self, failure: UpstreamError) -> None:
         self._cancelTimeout()
+        self._bodyRegistered = False  # a lost transport drops its producer itself
         self._connection = None
         if failure.retryable and not self._retried and self._framing is BodyFraming.NONE:
             self._retried = True
@@ -559,6 +564,11 @@ class UpstreamExchange:
         self._cancelTimeout()
         self._receiver.responseFailed(failure)
 
+    def _unregisterBody(self) -> None:
+        if self._bodyRegistered and self._connection is not None:
+            self._connection.transport.unregisterProducer()
+        self._bodyRegistered = False
+
     def _releaseConnection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
@@ -573,11 +583,11 @@ class UpstreamExchange:
             return
         self._ended = True
         self._cancelTimeout()
+        self._unregisterBody()
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.exchange = None
             connection.reusable = False
-            connection.transport.unregisterProducer()
             connection.transport.abortConnection()
 
     # Timeouts
