@@ -87,22 +87,24 @@ def upstreamRequestHeaders(
     return out
 
 
-def copyResponseHeaders(fields: HeaderList, into: Headers) -> None:
+def relayedResponseFields(fields: HeaderList) -> HeaderList:
     """
-    Copy an origin's response fields into the client response, without
-    hop-by-hop fields, and append our C{Via}.
+    The origin's response fields to relay to the client: hop-by-hop fields
+    removed, our C{Via} appended to the origin's.
     """
-    listed = connectionTokens(v for n, v in fields if n.lower() == b"connection")
+    lowered = [(name.lower(), name, value) for name, value in fields]
+    listed = connectionTokens(v for lower, _, v in lowered if lower == b"connection")
+    out: HeaderList = []
     via: list[bytes] = []
-    for name, value in fields:
-        lower = name.lower()
+    for lower, name, value in lowered:
         if lower in HOP_BY_HOP or lower in listed:
             continue
         if lower == b"via":
             via.append(value)
-            continue
-        into.addRawHeader(name, value)
-    into.setRawHeaders(b"Via", [_appended(via, VIA)])
+        else:
+            out.append((name, value))
+    out.append((b"Via", _appended(via, VIA)))
+    return out
 
 
 def plainResponse(status: int, reason: str, close: bool) -> bytes:

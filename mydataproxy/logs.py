@@ -1,9 +1,10 @@
 """
 The access log: one line per request or tunnel, written off the reactor.
 
-Lines go through a bounded queue to a writer thread, so a slow or hung log
-disk (EFS is a hard NFS mount) never stalls traffic; when the queue is full,
-lines are dropped and counted rather than blocking.
+Lines are gathered on the reactor thread and handed, a batch at a time,
+through a bounded queue to a writer thread, so a slow or hung log disk (EFS
+is a hard NFS mount) never stalls traffic; when the queue is full, lines are
+dropped and counted rather than blocking.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import time
 from typing import TextIO
 
 import txaio
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 
 from mydataproxy.config import STDOUT
 
 txaio.use_twisted()
 log = txaio.make_logger()
 
-QUEUE_LINES = 65536
+QUEUE_BATCHES = 256
+BATCH_LINES = 256
+FLUSH_SECONDS = 0.2
 _STOP = None
 
 
@@ -30,13 +35,17 @@ class AccessLog:
     Formats access records and hands them to a writer thread.
 
     @param path: A file to append to, or C{"-"} for standard output.
+    @param clock: Schedules the periodic hand-over of gathered lines.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: IReactorTime) -> None:
         self.path = path
         self.dropped = 0
-        self._queue: queue.Queue[str | None] = queue.Queue(QUEUE_LINES)
+        self._queue: queue.Queue[list[str] | None] = queue.Queue(QUEUE_BATCHES)
         self._thread: threading.Thread | None = None
+        self._batch: list[str] = []
+        self._flusher = LoopingCall(self.flush)
+        self._flusher.clock = clock
         self._stamp = (0, "")
 
     def start(self) -> None:
@@ -47,9 +56,23 @@ class AccessLog:
             target=self._write, args=(stream,), name="access-log", daemon=True
         )
         self._thread.start()
+        self._flusher.start(FLUSH_SECONDS, now=False)
+
+    def flush(self) -> None:
+        """Hand the lines gathered so far to the writer thread."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        try:
+            self._queue.put_nowait(batch)
+        except queue.Full:
+            self.dropped += len(batch)
 
     def stop(self) -> None:
-        """Write what is queued, then stop the writer."""
+        """Write what is gathered and queued, then stop the writer."""
+        if self._flusher.running:
+            self._flusher.stop()
+        self.flush()
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout=5)
@@ -66,16 +89,15 @@ class AccessLog:
         seconds: float,
         upstream: str,
     ) -> None:
-        """Queue one access line; never blocks."""
+        """Gather one access line; never blocks."""
         line = (
             f"{self._timestamp()} client={client} method={method} target={_quoted(target)} "
             f"status={status} in={bytesIn} out={bytesOut} ms={seconds * 1000:.1f} "
             f"upstream={upstream or '-'}\n"
         )
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
-            self.dropped += 1
+        self._batch.append(line)
+        if len(self._batch) >= BATCH_LINES:
+            self.flush()
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -86,22 +108,16 @@ class AccessLog:
 
     def _write(self, stream: TextIO) -> None:
         while True:
-            lines = [self._queue.get()]
-            try:
-                while len(lines) < 1024:
-                    lines.append(self._queue.get_nowait())
-            except queue.Empty:
-                pass
-            stopping = _STOP in lines
-            try:
-                stream.write("".join(line for line in lines if line is not _STOP))
-                stream.flush()
-            except (OSError, ValueError) as e:
-                log.error("access log {path} write failed: {e}", path=self.path, e=e)
-            if stopping:
+            batch = self._queue.get()
+            if batch is _STOP:
                 if stream is not sys.__stdout__:
                     stream.close()
                 return
+            try:
+                stream.write("".join(batch))
+                stream.flush()
+            except (OSError, ValueError) as e:
+                log.error("access log {path} write failed: {e}", path=self.path, e=e)
 
 
 def _quoted(value: str) -> str:

@@ -70,7 +70,7 @@ class ProxyService(MultiService):
     def __init__(self, settings: Settings, reactor) -> None:
         super().__init__()
         self.settings = settings
-        self.accessLog = AccessLog(settings.logging.access_log)
+        self.accessLog = AccessLog(settings.logging.access_log, reactor)
         self.pool = UpstreamPool(reactor, settings.upstream)
         forward = ForwardProxy(settings, self.pool, self.accessLog, reactor)
         ListenerService("forward", settings.forward.listen, forward, reactor).setServiceParent(self)

@@ -14,6 +14,7 @@ L{UpstreamExchange}.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -95,8 +96,13 @@ class ResponseReceiver(TypingProtocol):
     """What an L{UpstreamExchange} reports to (the inbound request)."""
 
     def responseStarted(
-        self, status: int, reason: bytes, headers: HeaderList, hasBody: bool
-    ) -> None: ...
+        self, status: int, reason: bytes, headers: HeaderList, bodyLength: int | None
+    ) -> None:
+        """
+        The response head arrived.  C{bodyLength} is the number of body bytes
+        that follow (0 for none, as for HEAD, 204 and 304), or L{None} when
+        the length is not known in advance (chunked or close-delimited).
+        """
 
     def responseData(self, data: bytes) -> None: ...
 
@@ -117,11 +123,14 @@ class _State(enum.Enum):
     DONE = 8
 
 
-_TOKEN_CHARS = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_FORBIDDEN_IN_VALUES = b"\x00\r\n"
+# RFC 9112: status-line, then field-name ":" OWS field-value OWS, each line
+# ended by CRLF.  Values may hold HTAB, visible ASCII and obs-text but no
+# other control byte, so a bare CR or LF, NUL or an obs-fold never matches.
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
+_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?[ \t]*\r\n"
+_FIELDS = re.compile(rb"(?:" + _FIELD + rb")*")
+_FIELD_PARTS = re.compile(rb"([^:]+):[ \t]*(.*?)[ \t]*\r\n", re.DOTALL)
 
 
 class InvalidResponse(Exception):
@@ -130,34 +139,27 @@ class InvalidResponse(Exception):
 
 def parseResponseHead(head: bytes) -> tuple[bytes, int, bytes, HeaderList]:
     """
-    Parse a response head (status line and fields, without the final CRLF
-    CRLF).
+    Parse a response head: the status line and fields, each ending in CRLF
+    (the blank line that ends the head excluded).
 
-    @return: (version, status, reason, fields)
+    @return: (version, status, reason, fields), fields in received order
+        and spelling.
     @raise InvalidResponse: On anything ambiguous: bare LF or CR, obs-fold,
-        invalid names, control bytes in values.
+        invalid names, control bytes.
     """
-    lines = head.split(b"\r\n")
-    statusLine = lines[0]
-    parts = statusLine.split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise InvalidResponse(f"bad status line {statusLine[:80]!r}")
-    version, code = parts[0], parts[1]
-    if len(code) != 3 or not code.isdigit():
-        raise InvalidResponse(f"bad status code {code[:10]!r}")
-    reason = parts[2] if len(parts) == 3 else b""
-    if reason.translate(None, _FORBIDDEN_IN_VALUES) != reason:
-        raise InvalidResponse("control character in reason phrase")
-    fields: HeaderList = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
-            raise InvalidResponse(f"bad header line {line[:80]!r}")
-        value = value.strip(b" \t")
-        if value.translate(None, _FORBIDDEN_IN_VALUES) != value:
-            raise InvalidResponse(f"control character in {name.decode('ascii')}")
-        fields.append((name, value))
-    return version, int(code), reason, fields
+    status = _STATUS_LINE.match(head)
+    if status is None:
+        firstLine = head.split(b"\n", 1)[0]
+        raise InvalidResponse(f"bad status line {firstLine[:80]!r}")
+    start = status.end()
+    if _FIELDS.fullmatch(head, start) is None:
+        raise InvalidResponse("malformed header section")
+    return (
+        status.group(1),
+        int(status.group(2)),
+        status.group(3) or b"",
+        _FIELD_PARTS.findall(head, start),
+    )
 
 
 @implementer(IPushProducer)
@@ -237,7 +239,7 @@ class UpstreamConnection(Protocol):
                     if len(self._buffer) > MAX_RESPONSE_HEAD:
                         raise InvalidResponse("response head too large")
                     return
-                head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+                head, self._buffer = self._buffer[: end + 2], self._buffer[end + 4 :]
                 self._headReceived(*parseResponseHead(head))
             elif state is _State.LENGTH:
                 body, self._buffer = (
@@ -324,21 +326,24 @@ class UpstreamConnection(Protocol):
         hasBody = not (self._headOnly or status in (204, 304))
         if codings and lengths:
             raise InvalidResponse("both Content-Length and Transfer-Encoding")
+        bodyLength: int | None = 0
         if not hasBody:
             self._state = _State.DONE
         elif codings:
             if codings != [b"chunked"]:
                 raise InvalidResponse(f"unsupported transfer-coding {b', '.join(codings)!r}")
             self._state = _State.CHUNK_SIZE
+            bodyLength = None
         elif lengths:
             if len(lengths) != 1 or not next(iter(lengths)).isdigit():
                 raise InvalidResponse("invalid or conflicting Content-Length")
-            self._remaining = int(next(iter(lengths)))
+            self._remaining = bodyLength = int(next(iter(lengths)))
             self._state = _State.LENGTH if self._remaining else _State.DONE
         else:
             self.reusable = False
             self._state = _State.UNTIL_CLOSE
-        self.exchange.headReceived(status, reason, fields, hasBody)
+            bodyLength = None
+        self.exchange.headReceived(status, reason, fields, bodyLength)
         if self._state is _State.DONE:
             self._finished()
 
@@ -523,9 +528,9 @@ class UpstreamExchange:
             self._timeoutCall.reset(self.pool.settings.read_timeout)
 
     def headReceived(
-        self, status: int, reason: bytes, fields: HeaderList, hasBody: bool
+        self, status: int, reason: bytes, fields: HeaderList, bodyLength: int | None
     ) -> None:
-        self._receiver.responseStarted(status, reason, fields, hasBody)
+        self._receiver.responseStarted(status, reason, fields, bodyLength)
 
     def bodyReceived(self, data: bytes) -> None:
         self._receiver.responseData(data)

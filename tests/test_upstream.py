@@ -32,8 +32,8 @@ class Recorder:
         self.finished = False
         self.failure: UpstreamError | None = None
 
-    def responseStarted(self, status, reason, headers, hasBody) -> None:
-        self.started = (status, reason, headers, hasBody)
+    def responseStarted(self, status, reason, headers, bodyLength) -> None:
+        self.started = (status, reason, headers, bodyLength)
 
     def responseData(self, data: bytes) -> None:
         self.body.append(data)
@@ -92,7 +92,7 @@ def test_contentLengthResponseIsRelayedAndConnectionReused() -> None:
     assert transport.value() == HEAD
     transport.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhel")
     transport.protocol.dataReceived(b"lo")
-    assert first.started == (200, b"OK", [(b"Content-Length", b"5"), (b"X-A", b"1"), (b"X-A", b"2")], True)
+    assert first.started == (200, b"OK", [(b"Content-Length", b"5"), (b"X-A", b"1"), (b"X-A", b"2")], 5)
     assert b"".join(first.body) == b"hello"
     assert first.finished
 
@@ -137,7 +137,7 @@ def test_noBodyStatuses(status: int) -> None:
     _, r, _ = h.exchange()
     t = h.connectPending()
     t.protocol.dataReceived(b"HTTP/1.1 %d X\r\nContent-Length: 10\r\n\r\n" % status)
-    assert r.finished and r.started[3] is False
+    assert r.finished and r.started[3] == 0
 
 
 def test_headResponseHasNoBodyDespiteContentLength() -> None:
@@ -145,7 +145,7 @@ def test_headResponseHasNoBodyDespiteContentLength() -> None:
     _, r, _ = h.exchange(headOnly=True)
     t = h.connectPending()
     t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-    assert r.finished and r.started[3] is False
+    assert r.finished and r.started[3] == 0
 
 
 def test_interimResponsesAreSkipped() -> None:
@@ -187,12 +187,15 @@ def test_malformedResponsesAre502(response: bytes) -> None:
 
 def test_parseResponseHeadKeepsOrderAndSpelling() -> None:
     version, status, reason, fields = parseResponseHead(
-        b"HTTP/1.0 404 Not Found\r\nset-cookie: a=1\r\nX-Y:  spaced \r\nSet-Cookie: b=2"
+        b"HTTP/1.0 404 Not Found\r\nset-cookie: a=1\r\nX-Y:  spaced \r\nSet-Cookie: b=2\r\n"
     )
     assert (version, status, reason) == (b"HTTP/1.0", 404, b"Not Found")
     assert fields == [(b"set-cookie", b"a=1"), (b"X-Y", b"spaced"), (b"Set-Cookie", b"b=2")]
     with pytest.raises(InvalidResponse):
-        parseResponseHead(b"HTTP/1.1 200 OK\r\nX: a\x00b")
+        parseResponseHead(b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n")
+    with pytest.raises(InvalidResponse):
+        parseResponseHead(b"HTTP/1.1 200 OK\r\nX: a\rb\r\n")
+    assert parseResponseHead(b"HTTP/1.1 200\r\nEmpty:\r\n")[2:] == (b"", [(b"Empty", b"")])
 
 
 def test_readTimeoutIs504() -> None:
