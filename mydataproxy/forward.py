@@ -264,16 +264,29 @@ class ForwardRequest(http.Request):
             target = parseTarget(self.method, self.uri, None)
             decision = self.proxy.policy.connectAllowed(target.destination.port)
             if not decision.allowed:
-                raise Refusal(403, f"CONNECT to port {target.destination.port} is not allowed")
+                raise Refusal(
+                    403, f"CONNECT to port {target.destination.port} is not allowed", decision.rule
+                )
             return target
         except Refusal as refusal:
+            self._logRefusal(refusal)
             return refusal
 
     def _checkClient(self) -> None:
         decision = self.proxy.policy.clientAllowed(self.channel.clientAddress())
         if not decision.allowed:
-            log.info("403 {client}: refused by {rule}", client=self.channel.clientAddress(), rule=decision.rule)
-            raise Refusal(403, "client address not allowed")
+            raise Refusal(403, "client address not allowed", decision.rule)
+
+    def _logRefusal(self, refusal: Refusal) -> None:
+        log.info(
+            "{status} {method} {uri} from {client}: {reason}{rule}",
+            status=refusal.status,
+            method=self.method.decode("ascii", "replace"),
+            uri=self.uri.decode("ascii", "replace"),
+            client=self.channel.clientAddress(),
+            reason=refusal.reason,
+            rule=f" (refused by {refusal.rule})" if refusal.rule else "",
+        )
 
     # Called by HTTPChannel as the request streams in.
 
@@ -285,6 +298,7 @@ class ForwardRequest(http.Request):
                 self.method, self.uri, self.requestHeaders.getRawHeaders(b"x-target-host")
             )
         except Refusal as refusal:
+            self._logRefusal(refusal)
             self.refuse(refusal.status, refusal.reason)
             return
         if length is None:
@@ -386,16 +400,7 @@ class ForwardRequest(http.Request):
     # Answers the proxy gives itself.
 
     def refuse(self, status: int, reason: str) -> None:
-        """Answer C{status} with a plain-text C{reason}."""
-        if status not in (502, 503, 504):
-            log.info(
-                "{status} {method} {uri} from {client}: {reason}",
-                status=status,
-                method=self.method.decode("ascii", "replace"),
-                uri=self.uri.decode("ascii", "replace"),
-                client=self.channel.clientAddress(),
-                reason=reason,
-            )
+        """Answer C{status} with a plain-text C{reason} (the caller logs why)."""
         body = (reason + "\n").encode("utf-8")
         self.setResponseCode(status)
         self.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])

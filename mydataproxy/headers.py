@@ -9,7 +9,7 @@ on chunked messages) is redone by the proxy for each connection.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
@@ -38,10 +38,12 @@ _REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"expect", b"via", b"x-forwarded
 HeaderList = list[tuple[bytes, bytes]]
 
 
-def connectionTokens(values: Iterable[bytes]) -> frozenset[bytes]:
+def connectionTokens(values: Sequence[bytes]) -> frozenset[bytes]:
     """
     The lower-cased option names listed in C{Connection} field values.
     """
+    if not values:
+        return frozenset()
     return frozenset(
         token.strip().lower()
         for value in values
@@ -93,7 +95,7 @@ def relayedResponseFields(fields: HeaderList) -> HeaderList:
     removed, our C{Via} appended to the origin's.
     """
     lowered = [(name.lower(), name, value) for name, value in fields]
-    listed = connectionTokens(v for lower, _, v in lowered if lower == b"connection")
+    listed = connectionTokens([v for lower, _, v in lowered if lower == b"connection"])
     out: HeaderList = []
     via: list[bytes] = []
     for lower, name, value in lowered:

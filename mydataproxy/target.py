@@ -27,12 +27,16 @@ class Mode(enum.Enum):
 
 
 class Refusal(Exception):
-    """A request the proxy answers itself, with C{status} and C{reason}."""
+    """
+    A request the proxy answers itself, with C{status} and C{reason}; C{rule}
+    names the setting that decided it, for the log.
+    """
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, rule: str = "") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)
