@@ -190,10 +190,11 @@ class ForwardChannel(http.HTTPChannel):
         """The client half-closed: end a tunnel's one direction, or finish HTTP."""
         if self.tunnel is not None:
             self.tunnel.clientReadClosed()
-        elif self.requests:
+        elif self.requests and self.requests[0].bodyComplete:
             # Answer the request in progress, then close.
             self.persistent = False
         else:
+            # Idle, or a request whose body can now never be complete.
             self.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -247,6 +248,11 @@ class ForwardRequest(http.Request):
         self._bodyComplete = False
         self._responseComplete = False
         self._clientGone = False
+
+    @property
+    def bodyComplete(self) -> bool:
+        """Has the whole request body arrived?"""
+        return self._bodyComplete
 
     def requestLineReceived(self, method: bytes, uri: bytes, version: bytes) -> None:
         """The channel parsed our request line (before any header)."""
@@ -310,7 +316,7 @@ class ForwardRequest(http.Request):
         self._exchange = UpstreamExchange(
             self.proxy.pool,
             self.target.destination,
-            self._upstreamHead(),
+            self._upstreamHead(framing),
             framing,
             headOnly=self.method == b"HEAD",
             receiver=self,
@@ -318,7 +324,7 @@ class ForwardRequest(http.Request):
         )
         self._exchange.start()
 
-    def _upstreamHead(self) -> bytes:
+    def _upstreamHead(self, framing: BodyFraming) -> bytes:
         fields = rules.upstreamRequestHeaders(
             self.requestHeaders,
             self.proxy.settings.forward.header_filter,
@@ -327,6 +333,8 @@ class ForwardRequest(http.Request):
         )
         lines = [b"%s %s HTTP/1.1\r\n" % (self.method, self.target.path)]
         lines.extend(b"%s: %s\r\n" % field for field in fields)
+        if framing is BodyFraming.CHUNKED:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
 
