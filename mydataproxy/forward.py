@@ -161,6 +161,8 @@ class ForwardChannel(http.HTTPChannel):
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
+        if self.tunnel is not None:
+            return  # a CONNECT head has no content; what follows is the tunnel's
         self._awaitingRequestLine = True
         super().allContentReceived()
 
@@ -245,6 +247,7 @@ class ForwardRequest(http.Request):
         self.bytesIn = 0
         self.upstreamAddress = ""
         self._exchange: UpstreamExchange | None = None
+        self._hasBody = False
         self._bodyComplete = False
         self._responseComplete = False
         self._clientGone = False
@@ -298,6 +301,7 @@ class ForwardRequest(http.Request):
 
     def gotLength(self, length: int | None) -> None:
         """The head is complete: route the request and start relaying."""
+        self._hasBody = length != 0
         try:
             self._checkClient()
             self.target = parseTarget(
@@ -413,7 +417,7 @@ class ForwardRequest(http.Request):
         self.setResponseCode(status)
         self.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
         self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-        if not self._bodyComplete:
+        if self._hasBody and not self._bodyComplete:
             # Don't wait for a body nobody will read before closing.
             self.channel.persistent = False
             self.responseHeaders.setRawHeaders(b"Connection", [b"close"])

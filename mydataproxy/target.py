@@ -61,7 +61,7 @@ class Target:
         return str(self.destination) + self.path.decode("ascii", "replace")
 
 
-_REG_NAME = re.compile(rb"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?$")
+_REG_NAME = re.compile(rb"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
 
 
 def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
@@ -79,6 +79,10 @@ def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]
         if end < 0:
             raise Refusal(400, "unterminated IPv6 literal")
         hostBytes, rest = authority[1:end], authority[end + 1 :]
+        if b"%" in hostBytes:
+            # Python accepts zone IDs (and anything after the %) in an
+            # IPv6Address; a zone means nothing beyond this host.
+            raise Refusal(400, "IPv6 zone identifiers are not allowed")
         try:
             host = str(ipaddress.IPv6Address(hostBytes.decode("ascii")))
         except ValueError:
@@ -90,7 +94,7 @@ def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]
         hostBytes, colon, portBytes = authority.partition(b":")
         if not colon:
             portBytes = None
-        if not _REG_NAME.match(hostBytes):
+        if not _REG_NAME.fullmatch(hostBytes):
             raise Refusal(400, "invalid host name")
         host = hostBytes.decode("ascii").lower()
     if portBytes is None or portBytes == b"":
@@ -137,6 +141,8 @@ def parseTarget(method: bytes, uri: bytes, targetHosts: list[bytes] | None) -> T
     if method == b"CONNECT":
         host, port = parseAuthority(uri, None)
         return Target(Mode.CONNECT, Destination("tcp", host, port), b"")
+    if b"#" in uri:
+        raise Refusal(400, "a fragment is not allowed in the request target")
     if uri[:1] == b"/":
         if not targetHosts:
             raise Refusal(403, MISSING_TARGET_HOST)
