@@ -363,6 +363,7 @@ class ForwardRequest(http.Request):
         # Headers object: it keeps the origin's field order and spelling and
         # costs a third as much on the per-request path.
         self.code, self.code_message = status, reason
+        self.upstreamAddress = self._exchange.upstreamAddress
         self.chunked = bodyLength is None and self.clientproto == b"HTTP/1.1"
         head = [b"%s %d %s\r\n" % (self.clientproto, status, reason)]
         head.extend(b"%s: %s\r\n" % field for field in rules.relayedResponseFields(fields))
@@ -386,7 +387,6 @@ class ForwardRequest(http.Request):
             self.channel.write(data)
 
     def responseFinished(self) -> None:
-        self.upstreamAddress = self._exchange.upstreamAddress
         if self.producer is not None:
             self.unregisterProducer()
         self._responseComplete = True
@@ -445,8 +445,9 @@ class ForwardRequest(http.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         self._clientGone = True
-        super().connectionLost(reason)
         if self._exchange is not None:
             self._exchange.abort()
         if not self.finished:
             self.recordAccess()
+        # Last: Request.connectionLost lets go of the channel.
+        super().connectionLost(reason)

@@ -514,3 +514,15 @@ def test_connectAllowedOpensTunnel() -> None:
     c.lose()
     [record] = c.accessLog.records
     assert (record["method"], record["status"], record["target"]) == ("CONNECT", 200, "127.0.0.1:8443")
+
+
+def test_clientGoneMidResponseIsLoggedAndClosesTheOrigin() -> None:
+    c = Client()
+    c.send(b"GET http://127.0.0.1:8080/big HTTP/1.1\r\nHost: x\r\n\r\n")
+    origin = completeUpstream(c)
+    origin.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    c.lose()
+    [record] = c.accessLog.records
+    assert (record["status"], record["bytesOut"], record["upstream"]) == (200, 10, "127.0.0.1:8080")
+    assert origin.disconnecting, "a half-read response must not go back to the pool"
+    assert c.pool.openConnections == 1  # until the origin socket is really gone
