@@ -17,16 +17,23 @@ without holding them in memory:
   - C{GET|HEAD /bytes/N}: N deterministic bytes (L{iterPattern}) with a
     Content-Length, written by a pull producer.
   - C{GET|HEAD /chunked/N}: the same bytes, chunked (no Content-Length).
+  - C{GET /eof/N}: the same bytes delimited by closing the connection (no
+    Content-Length, no chunked).
   - C{POST|PUT /sha256}: the request body (Content-Length or chunked) is fed
     through hashlib as it arrives; answers JSON C{{"sha256", "length"}}.
   - C{POST|PUT /count}: like C{/sha256} without hashing (for huge bodies).
+    Both take C{?pause_ms=N}: stop reading the connection for N ms once the
+    head has arrived (a consumer that applies back-pressure).
   - C{/echo} (and any path not listed here): JSON with the method, the raw
     request-target, the HTTP version, the headers as a list of
     C{[name, value]} in wire order, the body's length and sha256, whether the
     connection is TLS, the connection serial number and the request's index
-    on its connection.
+    on its connection.  C{?close_after_ms=N} closes the (kept-alive)
+    connection N ms after answering, as an origin's idle timeout would.
   - C{/status/N}: a response with status N (204 and 304 without a body;
-    C{?cl=K} adds a C{Content-Length: K} header to a 304, as some origins do).
+    C{?cl=K} adds a C{Content-Length: K} header to a 304, as some origins do;
+    C{?early=1} answers as soon as the head is in, then drains the body).
+  - C{/early-hints}: a C{103 Early Hints} interim response, then the echo.
   - C{/hop}: a response carrying hop-by-hop headers that a proxy must drop.
   - C{/rep}: a response carrying repeated headers.
   - C{/delay/MS}: answers after MS milliseconds.
@@ -214,6 +221,7 @@ class OriginProtocol(Protocol):
         self.remaining = 0
         self.processing = False
         self.paused = False
+        self.earlyResponse = False
 
     def connectionLost(self, reason=None) -> None:
         self.factory.open -= 1
@@ -306,11 +314,13 @@ class OriginProtocol(Protocol):
             self.state = "cl"
             hasBody = False
 
+        self.earlyResponse = False
         self.handler = route(self, req)
         if self.state == "closed":  # the handler aborted the connection
             return False
         if hasBody and b"100-continue" in req.tokens(b"expect") and req.version == b"HTTP/1.1":
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.handler.start()
         return True
 
     def parseBody(self) -> bool:
@@ -371,6 +381,11 @@ class OriginProtocol(Protocol):
         raise AssertionError(self.state)
 
     def finishBody(self) -> None:
+        if self.earlyResponse:  # answered before the body ended: next request
+            self.earlyResponse = False
+            self.state = "head"
+            self.handler = None
+            return
         self.state = "handling"
         self.handler.bodyDone()
 
@@ -416,6 +431,8 @@ class OriginProtocol(Protocol):
             # An early response while the request body is still arriving:
             # keep parsing the body, but nobody listens to it any more.
             self.handler = _Discard()
+            self.earlyResponse = True
+            return
         if self.paused:
             self.paused = False
             self.transport.resumeProducing()
@@ -438,6 +455,9 @@ class Handler:
         self.length += len(data)
         self.hash.update(data)
 
+    def start(self) -> None:
+        """The head has been parsed (the body, if any, follows)."""
+
     def bodyDone(self) -> None:
         raise NotImplementedError
 
@@ -459,6 +479,12 @@ class _Discard(Handler):
 class Echo(Handler):
     def bodyDone(self) -> None:
         p, r = self.proto, self.req
+        closeAfter = r.query.get("close_after_ms")
+        if closeAfter:
+            # Keep-alive response, then a silent close while the connection idles.
+            from twisted.internet import reactor
+
+            reactor.callLater(int(closeAfter[0]) / 1000.0, p.transport.loseConnection)
         self.proto.sendJSON(
             {
                 "method": r.method.decode("latin-1"),
@@ -488,17 +514,21 @@ class Count(Handler):
 
 
 class Bytes(Handler):
-    def __init__(self, proto, req, n: int, chunked: bool):
+    def __init__(self, proto, req, n: int, chunked: bool, eof: bool = False):
         super().__init__(proto, req)
         self.n = n
         self.chunked = chunked
+        self.eof = eof
         self.producer = None
 
     def bodyDone(self) -> None:
         p = self.proto
         p.state = "responding"
         headers = [(b"Content-Type", b"application/octet-stream")]
-        if self.chunked:
+        if self.eof:
+            p.keepAlive = False  # body delimited by closing the connection
+            p.writeHead(200, headers, None)
+        elif self.chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))
             p.writeHead(200, headers, None)
         else:
@@ -532,6 +562,25 @@ class Status(Handler):
             p.sendSimple(204, b"", [(b"X-Status", b"204")], contentLength=False)
         else:
             p.sendSimple(code, b"status %d\n" % code, [(b"Content-Type", b"text/plain")])
+
+
+class EarlyStatus(Status):
+    """Answers as soon as the head is in, before (and without) reading the body."""
+
+    def start(self) -> None:
+        Status.bodyDone(self)
+
+    def bodyDone(self) -> None:
+        pass
+
+
+class EarlyHints(Echo):
+    """A 103 interim response, then the echo."""
+
+    def bodyDone(self) -> None:
+        self.proto.transport.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        Echo.bodyDone(self)
 
 
 class Hop(Handler):
@@ -617,25 +666,40 @@ def abortWithReset(proto: OriginProtocol) -> None:
     transport.abortConnection()
 
 
+def pauseReading(proto: OriginProtocol, ms: int) -> None:
+    """Stop reading from the connection for C{ms} milliseconds (a slow consumer)."""
+    from twisted.internet import reactor
+
+    transport = proto.transport
+    transport.pauseProducing()
+    reactor.callLater(ms / 1000.0, transport.resumeProducing)
+
+
 def route(proto: OriginProtocol, req: OriginRequest) -> Handler:
     path = req.path
     method = req.method
     parts = path.strip("/").split("/")
     try:
-        if parts[0] in ("bytes", "chunked") and len(parts) == 2:
-            return Bytes(proto, req, int(parts[1]), chunked=parts[0] == "chunked")
+        if parts[0] in ("bytes", "chunked", "eof") and len(parts) == 2:
+            return Bytes(proto, req, int(parts[1]), chunked=parts[0] == "chunked",
+                         eof=parts[0] == "eof")
         if parts[0] == "status" and len(parts) == 2:
+            if req.query.get("early"):
+                return EarlyStatus(proto, req, int(parts[1]))
             return Status(proto, req, int(parts[1]))
         if parts[0] == "delay" and len(parts) == 2:
             return Delay(proto, req, int(parts[1]))
     except ValueError:
         pass
-    if path == "/sha256" and method in (b"POST", b"PUT"):
-        return Sha256(proto, req)
-    if path == "/count" and method in (b"POST", b"PUT"):
-        return Count(proto, req)
+    if path in ("/sha256", "/count") and method in (b"POST", b"PUT"):
+        pause = req.query.get("pause_ms")
+        if pause:
+            pauseReading(proto, int(pause[0]))
+        return (Sha256 if path == "/sha256" else Count)(proto, req)
     if path == "/hop":
         return Hop(proto, req)
+    if path == "/early-hints":
+        return EarlyHints(proto, req)
     if path == "/rep":
         return Rep(proto, req)
     if path == "/slow":
@@ -724,7 +788,14 @@ def main(argv=None) -> None:
             certPem = f.read()
         with open(args.tls_key or args.tls_cert, "rb") as f:
             keyPem = f.read()
-        options = ssl.PrivateCertificate.loadPEM(certPem + b"\n" + keyPem).options()
+        pem = ssl.PrivateCertificate.loadPEM(certPem + b"\n" + keyPem)
+        # Explicit ALPN: without it, a client offering ALPN (curl does) gets
+        # a TLS "internal error" alert from this Twisted/pyOpenSSL pair.
+        options = ssl.CertificateOptions(
+            privateKey=pem.privateKey.original,
+            certificate=pem.original,
+            acceptableProtocols=[b"http/1.1"],
+        )
         port = reactor.listenSSL(args.port, factory, options, interface=args.host)
     else:
         port = reactor.listenTCP(args.port, factory, interface=args.host)
