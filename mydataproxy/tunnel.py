@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 import txaio
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -21,7 +22,7 @@ from zope.interface import implementer
 
 from mydataproxy.headers import plainResponse
 from mydataproxy.target import Refusal, Target
-from mydataproxy.upstream import connectTo, tcpEndpoint
+from mydataproxy.connect import connect, resolve
 
 if TYPE_CHECKING:
     from mydataproxy.forward import ForwardChannel, ForwardProxy
@@ -42,6 +43,10 @@ class TunnelOrigin(Protocol):
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
+        self.ready: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.ready.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.tunnel.fromOrigin(data)
@@ -85,13 +90,17 @@ class Tunnel:
             self._refuse(self.target.status, self.target.reason)
             return
         destination = self.target.destination
-        endpoint = tcpEndpoint(
-            self.proxy.reactor,
-            destination.host,
-            destination.port,
-            self.proxy.settings.upstream.connect_timeout,
+        reactor = self.proxy.reactor
+        d = resolve(reactor, destination.host)
+        d.addCallback(
+            lambda addresses: connect(
+                reactor,
+                addresses,
+                destination.port,
+                self.proxy.settings.upstream.connect_timeout,
+                TunnelOrigin(self),
+            )
         )
-        d = connectTo(endpoint, TunnelOrigin(self))
         d.addCallbacks(self._connected, self._connectFailed)
 
     def _refuse(self, status: int, reason: str) -> None:

@@ -21,19 +21,14 @@ from typing import Protocol as TypingProtocol
 
 import txaio
 from OpenSSL import SSL
-from twisted.internet import defer, endpoints, error, ssl
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer, error, ssl
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mydataproxy.config import UpstreamSettings
+from mydataproxy.connect import connect, resolve
 from mydataproxy.headers import HeaderList
 
 txaio.use_twisted()
@@ -184,10 +179,15 @@ class UpstreamConnection(Protocol):
         self._headOnly = False
         self._receivedAny = False
         self._idleCall: IDelayedCall | None = None
+        self.ready: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
         address = self.transport.getPeer()
         self.peer = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+        if ITCPTransport.providedBy(self.transport):
+            # A body written after the head must not wait for a delayed ACK.
+            self.transport.setTcpNoDelay(True)
+        self.ready.callback(self)
 
     # Sending
 
@@ -637,35 +637,6 @@ class UpstreamExchange:
         self.abort()
 
 
-def tcpEndpoint(reactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
-    """
-    A TCP client endpoint for C{host}: direct for IP literals (no resolver
-    round trip), C{HostnameEndpoint} for names.
-    """
-    if isIPAddress(host):
-        return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    if isIPv6Address(host):
-        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-
-
-class _OneProtocolFactory(Factory):
-    """Hands out one prepared protocol; quiet, unlike C{connectProtocol}'s."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol = protocol
-
-    def buildProtocol(self, addr) -> Protocol:
-        return self.protocol
-
-
-def connectTo(endpoint: IStreamClientEndpoint, protocol: Protocol) -> defer.Deferred:
-    """Connect C{protocol} through C{endpoint}; fires with the protocol."""
-    return endpoint.connect(_OneProtocolFactory(protocol))
-
-
 class _Waiter:
     __slots__ = ("destination", "deferred", "timeout", "fresh")
 
@@ -692,6 +663,7 @@ class UpstreamPool:
         self._open: dict[Destination, int] = {}
         self._total = 0
         self._waiters: deque[_Waiter] = deque()
+        self._tlsByHost: dict[str, object] = {}
 
     @property
     def openConnections(self) -> int:
@@ -737,14 +709,14 @@ class UpstreamPool:
     def _connect(self, destination: Destination) -> defer.Deferred:
         self._open[destination] = self._open.get(destination, 0) + 1
         self._total += 1
-        endpoint = tcpEndpoint(
-            self.reactor, destination.host, destination.port, self.settings.connect_timeout
-        )
-        if destination.scheme == "https":
-            endpoint = endpoints.wrapClientTLS(
-                ssl.optionsForClientTLS(destination.host), endpoint
+        tls = self._clientTLS(destination.host) if destination.scheme == "https" else None
+        connection = UpstreamConnection(destination, self)
+        d = resolve(self.reactor, destination.host)
+        d.addCallback(
+            lambda addresses: connect(
+                self.reactor, addresses, destination.port, self.settings.connect_timeout, connection, tls
             )
-        d = connectTo(endpoint, UpstreamConnection(destination, self))
+        )
 
         def failed(failure: Failure) -> Failure:
             self._forget(destination)
@@ -752,6 +724,15 @@ class UpstreamPool:
 
         d.addErrback(failed)
         return d
+
+    def _clientTLS(self, host: str):
+        # Building a context loads the trust store: do it once per host name.
+        creator = self._tlsByHost.get(host)
+        if creator is None:
+            if len(self._tlsByHost) >= 1024:
+                self._tlsByHost.clear()
+            creator = self._tlsByHost[host] = ssl.optionsForClientTLS(host)
+        return creator
 
     def describeConnectFailure(self, destination: Destination, failure: Failure) -> UpstreamError:
         """Turn a connect failure into what the client should be told."""
