@@ -179,6 +179,8 @@ class UpstreamConnection(Protocol):
         self._headOnly = False
         self._receivedAny = False
         self._idleCall: IDelayedCall | None = None
+        self.idleSince = 0.0
+        self.evicted = False
         self.ready: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
@@ -384,6 +386,7 @@ class UpstreamConnection(Protocol):
 
     def idleFor(self, clock: IReactorTime, seconds: float) -> None:
         """Park in the pool; close after C{seconds} unused."""
+        self.idleSince = clock.seconds()
         self._idleCall = clock.callLater(seconds, self.transport.loseConnection)
 
     def takenFromPool(self) -> None:
@@ -472,9 +475,10 @@ class UpstreamExchange:
         self._connection = connection
         self.upstreamAddress = connection.peer
         connection.sendHead(self, self._head, self._headOnly)
-        self._armTimeout()
         self._flushPending()
-        if not self._bodyDone:
+        if self._bodyDone:
+            self._armTimeout()
+        else:
             connection.transport.registerProducer(self._bodyProducer, True)
             self._bodyRegistered = True
         if self._bodyPaused:
@@ -520,6 +524,10 @@ class UpstreamExchange:
             self._unregisterBody()
             if self._responseDone:
                 self._releaseConnection()
+            elif self._timeoutCall is None and not self._readPaused:
+                # The origin has the whole request: from now on its silence
+                # is its own (a slow upload is the client's doing).
+                self._armTimeout()
 
     # Response, from the connection.
 
@@ -682,7 +690,7 @@ class UpstreamPool:
             connection = self._takeIdle(destination)
             if connection is not None:
                 return defer.succeed(connection)
-        if self._hasRoom(destination):
+        if self._hasRoom(destination) or self._evictIdleFor(destination):
             return self._connect(destination)
         waiter = _Waiter(destination, defer.Deferred(), fresh)
         waiter.timeout = self.clock.callLater(
@@ -705,6 +713,25 @@ class UpstreamPool:
             self._total < self.settings.max_connections_total
             and self._open.get(destination, 0) < self.settings.max_connections_per_destination
         )
+
+    def _evictIdleFor(self, destination: Destination) -> bool:
+        """
+        At the total bound, close the longest-idle connection to another
+        destination to make room, rather than make this request wait for it.
+        """
+        if self._open.get(destination, 0) >= self.settings.max_connections_per_destination:
+            return False
+        oldest: UpstreamConnection | None = None
+        for connections in self._idle.values():
+            if connections and (oldest is None or connections[0].idleSince < oldest.idleSince):
+                oldest = connections[0]
+        if oldest is None:
+            return False
+        self._idle[oldest.destination].remove(oldest)
+        oldest.evicted = True
+        self._forget(oldest.destination, serveWaiters=False)
+        oldest.transport.loseConnection()
+        return True
 
     def _connect(self, destination: Destination) -> defer.Deferred:
         self._open[destination] = self._open.get(destination, 0) + 1
@@ -765,12 +792,14 @@ class UpstreamPool:
 
     def connectionClosed(self, connection: UpstreamConnection) -> None:
         """A pooled connection's socket closed."""
+        if connection.evicted:
+            return  # already accounted for when it was evicted
         idle = self._idle.get(connection.destination)
         if idle and connection in idle:
             idle.remove(connection)
         self._forget(connection.destination)
 
-    def _forget(self, destination: Destination) -> None:
+    def _forget(self, destination: Destination, serveWaiters: bool = True) -> None:
         count = self._open.get(destination, 0) - 1
         if count > 0:
             self._open[destination] = count
@@ -779,6 +808,8 @@ class UpstreamPool:
             if not self._idle.get(destination):
                 self._idle.pop(destination, None)
         self._total -= 1
+        if not serveWaiters:
+            return
         for waiter in self._waiters:
             if self._hasRoom(waiter.destination):
                 self._waiters.remove(waiter)

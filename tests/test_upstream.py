@@ -311,3 +311,32 @@ def test_abortClosesTheOriginConnection() -> None:
     t.protocol.connectionLost(Failure(ConnectionDone()))
     assert h.pool.openConnections == 0
     assert r.failure is None, "an aborted exchange reports nothing more"
+
+
+def test_totalBoundEvictsAnIdleConnectionToAnotherDestination() -> None:
+    h = Harness(max_connections_total=1)
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert first.finished and not t.disconnecting
+    other = Destination("http", "127.0.0.2", 8080)
+    receiver = Recorder()
+    UpstreamExchange(h.pool, other, HEAD, BodyFraming.NONE, False, receiver, ClientSocket()).start()
+    assert t.disconnecting, "the idle connection should make room"
+    assert [c[:2] for c in h.reactor.tcpClients] == [("127.0.0.1", 8080), ("127.0.0.2", 8080)]
+    assert h.pool.openConnections == 1
+    t.protocol.connectionLost(Failure(ConnectionDone()))
+    assert h.pool.openConnections == 1, "an evicted connection is not counted twice"
+
+
+def test_readTimeoutStartsWhenTheRequestBodyIsComplete() -> None:
+    h = Harness(read_timeout=5.0)
+    exchange, r, _ = h.exchange(framing=BodyFraming.LENGTH)
+    h.connectPending()
+    for _ in range(4):
+        h.reactor.advance(4)
+        exchange.writeBody(b"slow client")
+    assert r.failure is None, "a slow upload is not the origin's silence"
+    exchange.finishBody()
+    h.reactor.advance(5.1)
+    assert r.failure is not None and r.failure.status == 504
