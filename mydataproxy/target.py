@@ -11,10 +11,9 @@ L{Target} or refused with a L{Refusal} (status and short reason).
 from __future__ import annotations
 
 import enum
-import ipaddress
-import re
 from dataclasses import dataclass
 
+from mydataproxy.hosts import normaliseHost
 from mydataproxy.upstream import Destination
 
 MISSING_TARGET_HOST = "you have to include x-target-host header"
@@ -61,32 +60,26 @@ class Target:
         return str(self.destination) + self.path.decode("ascii", "replace")
 
 
-_REG_NAME = re.compile(rb"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_.])?")
-
-
-def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]:
+def parseAuthority(authority: bytes, defaultPort: int | None, userinfo: bool = False) -> tuple[str, int]:
     """
-    Split C{host[:port]} (host may be a bracketed IPv6 literal).
+    Split C{[userinfo@]host[:port]} into the normalised host and the port.
 
     @param defaultPort: Used when no port is given; L{None} makes the port
         mandatory.
+    @param userinfo: Whether a userinfo part may be present; it is dropped.
     @raise Refusal: 400 if malformed.
     """
     if b"@" in authority:
-        raise Refusal(400, "userinfo is not allowed in the request target")
+        if not userinfo:
+            raise Refusal(400, "userinfo is not allowed in the request target")
+        authority = authority.rpartition(b"@")[2]
     if authority.startswith(b"["):
         end = authority.find(b"]")
         if end < 0:
             raise Refusal(400, "unterminated IPv6 literal")
-        hostBytes, rest = authority[1:end], authority[end + 1 :]
-        if b"%" in hostBytes:
-            # Python accepts zone IDs (and anything after the %) in an
-            # IPv6Address; a zone means nothing beyond this host.
-            raise Refusal(400, "IPv6 zone identifiers are not allowed")
-        try:
-            host = str(ipaddress.IPv6Address(hostBytes.decode("ascii")))
-        except ValueError:
-            raise Refusal(400, "invalid IPv6 literal") from None
+        hostBytes, rest = authority[: end + 1], authority[end + 1 :]
+        if b":" not in hostBytes:
+            raise Refusal(400, "invalid IPv6 literal")
         if rest and not rest.startswith(b":"):
             raise Refusal(400, "malformed authority")
         portBytes = rest[1:] if rest else None
@@ -94,9 +87,12 @@ def parseAuthority(authority: bytes, defaultPort: int | None) -> tuple[str, int]
         hostBytes, colon, portBytes = authority.partition(b":")
         if not colon:
             portBytes = None
-        if not _REG_NAME.fullmatch(hostBytes):
-            raise Refusal(400, "invalid host name")
-        host = hostBytes.decode("ascii").lower()
+        if b"[" in hostBytes or b"]" in hostBytes:
+            raise Refusal(400, "malformed authority")
+    try:
+        host = normaliseHost(hostBytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise Refusal(400, f"invalid host: {e}") from None
     if portBytes is None or portBytes == b"":
         if defaultPort is None:
             raise Refusal(400, "a port is required")
@@ -125,7 +121,7 @@ def parseURL(url: bytes) -> tuple[Destination, bytes]:
     authority, remainder = rest[:cut], rest[cut:]
     if b"#" in remainder:
         raise Refusal(400, "a fragment is not allowed in the request target")
-    host, port = parseAuthority(authority, 443 if scheme == b"https" else 80)
+    host, port = parseAuthority(authority, 443 if scheme == b"https" else 80, userinfo=True)
     return Destination(scheme.decode("ascii"), host, port), remainder
 
 
