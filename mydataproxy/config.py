@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from mydataproxy.hosts import normaliseHost
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 STDOUT = "-"
@@ -53,6 +55,73 @@ class ForwardSettings:
     connect_ports: frozenset[int] = frozenset({443})
     header_filter: frozenset[bytes] = frozenset({b"host", b"x-target-host"})
     client_idle_timeout: float = 60.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    auth_file: str = ""
+    auth_realm: str = "MyData Proxy"
+
+
+MODES = ("absolute", "header", "connect")
+ACTIONS = ("allow", "deny")
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """
+    One destination rule.  Every condition given must hold for the rule to
+    match; an empty condition matches anything.
+
+    @ivar hosts: Normalised host names; C{*.suffix} matches names below
+        C{suffix}.
+    @ivar networks: Networks the resolved address must be in.
+    """
+
+    name: str
+    action: str
+    hosts: tuple[str, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+    ports: frozenset[int] = frozenset()
+    modes: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """Where the forward proxy may connect: ordered rules, then C{default}."""
+
+    rules: tuple[EgressRule, ...] = ()
+    default: str = "allow"
+    guard: bool = True
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    """
+    Name resolution for origins (asynchronous DNS, never the thread pool).
+
+    @ivar servers: (address, port) of DNS servers; empty means those of
+        C{/etc/resolv.conf}.
+    """
+
+    servers: tuple[tuple[str, int], ...] = ()
+    hosts_file: str = "/etc/hosts"
+    timeout: float = 5.0
+    max_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Bounds on what one client may send or hold (0 means no limit)."""
+
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_uri_bytes: int = 8192
+    max_body_bytes: int = 0
+    header_timeout: float = 10.0
+    tunnel_idle_timeout: float = 300.0
+    max_connections: int = 10000
+    max_connections_per_client: int = 256
+    requests_per_second: float = 0.0
+    burst: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +134,7 @@ class UpstreamSettings:
     idle_timeout: float = 30.0
     max_connections_per_destination: int = 200
     max_connections_total: int = 500
+    queue_per_destination: int = 1000
 
 
 @dataclass(frozen=True)
@@ -89,6 +159,9 @@ class Settings:
 
     source: str = "<embedded defaults>"
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    resolver: ResolverSettings = field(default_factory=ResolverSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     notices: tuple[str, ...] = ()
@@ -105,13 +178,41 @@ class _Checker:
         self._lines = text.splitlines()
 
     def lineOf(self, dotted: str) -> int | None:
-        """Best-effort line number of C{dotted}'s last component."""
-        leaf = re.escape(dotted.rsplit(".", 1)[-1])
-        pattern = re.compile(rf'^\s*("?){leaf}\1\s*=|^\s*\[{re.escape(dotted)}\]\s*$')
-        for number, line in enumerate(self._lines, start=1):
-            if pattern.match(line):
-                return number
-        return None
+        """
+        Best-effort line number of a dotted key such as C{forward.listen} or
+        C{egress.rules[2].hosts}: the key's line inside its table, else the
+        table's header line.
+        """
+        indexed = re.fullmatch(r"(.+)\[(\d+)\](?:\.([^.]+))?", dotted)
+        if indexed:
+            section, index, leaf = indexed.group(1), int(indexed.group(2)), indexed.group(3)
+            header = re.compile(rf"^\s*\[\[\s*{re.escape(section)}\s*\]\]")
+        else:
+            section, _, leaf = dotted.rpartition(".")
+            if not section:
+                section, leaf = dotted, None
+            index = 0
+            header = re.compile(rf"^\s*\[\s*{re.escape(section)}\s*\]")
+        start = None
+        for number, line in enumerate(self._lines):
+            if header.match(line):
+                if index == 0:
+                    start = number
+                    break
+                index -= 1
+        if start is None:
+            # Not a table after all (e.g. "forward = 3"): look for the key.
+            bare = re.compile(rf'^\s*("?){re.escape(dotted.rsplit(".", 1)[-1])}\1\s*=')
+            return next((n + 1 for n, line in enumerate(self._lines) if bare.match(line)), None)
+        if leaf is None:
+            return start + 1
+        key = re.compile(rf'^\s*("?){re.escape(leaf)}\1\s*=')
+        for number in range(start + 1, len(self._lines)):
+            if self._lines[number].lstrip().startswith("["):
+                break
+            if key.match(self._lines[number]):
+                return number + 1
+        return start + 1
 
     def error(self, dotted: str | None, problem: str) -> ConfigError:
         return ConfigError(
@@ -137,6 +238,28 @@ class _Checker:
             raise self.error(dotted, f"must be a list of strings, not {value!r}")
         return value
 
+    def networks(self, dotted: str, value: Any) -> tuple[IPNetwork, ...]:
+        networks = []
+        for item in self.stringList(dotted, value):
+            try:
+                networks.append(parseNetwork(item))
+            except ValueError as e:
+                raise self.error(dotted, str(e)) from None
+        return tuple(networks)
+
+    def ports(self, dotted: str, value: Any) -> frozenset[int]:
+        if not isinstance(value, list) or not value:
+            raise self.error(dotted, "must be a non-empty list of port numbers")
+        ports = [self.number(dotted, p, 1, integer=True) for p in value]
+        if any(p > 65535 for p in ports):
+            raise self.error(dotted, f"port out of range in {value!r}")
+        return frozenset(ports)
+
+    def choice(self, dotted: str, value: Any, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.error(dotted, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
 
 def parseNetwork(text: str) -> IPNetwork:
     """
@@ -160,36 +283,140 @@ def parseNetwork(text: str) -> IPNetwork:
     return ipaddress.ip_network(text, strict=True)
 
 
-def _forward(check: _Checker, table: Mapping[str, Any]) -> ForwardSettings:
+def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSettings:
     defaults = ForwardSettings()
     values: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"forward.{key}"
         if key == "listen":
             values[key] = check.string(dotted, value)
-        elif key == "client_allow":
-            networks = []
-            for item in check.stringList(dotted, value):
-                try:
-                    networks.append(parseNetwork(item))
-                except ValueError as e:
-                    raise check.error(dotted, str(e)) from None
-            values[key] = tuple(networks)
+        elif key in ("client_allow", "trusted_proxies"):
+            values[key] = check.networks(dotted, value)
         elif key == "connect_ports":
-            if not isinstance(value, list) or not value:
-                raise check.error(dotted, "must be a non-empty list of port numbers")
-            ports = [check.number(dotted, p, 1, integer=True) for p in value]
-            if any(p > 65535 for p in ports):
-                raise check.error(dotted, f"port out of range in {value!r}")
-            values[key] = frozenset(ports)
+            values[key] = check.ports(dotted, value)
         elif key == "header_filter":
             names = check.stringList(dotted, value)
             values[key] = frozenset(n.strip().lower().encode("ascii") for n in names)
         elif key == "client_idle_timeout":
             values[key] = check.number(dotted, value, 0.001, integer=False)
+        elif key == "auth_file":
+            values[key] = resolvePath(check.string(dotted, value), base)
+        elif key == "auth_realm":
+            realm = check.string(dotted, value)
+            if not realm.isprintable():
+                raise check.error(dotted, "must be printable text")
+            values[key] = realm
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def _rule(check: _Checker, index: int, table: Any) -> EgressRule:
+    prefix = f"egress.rules[{index}]"
+    if not isinstance(table, dict):
+        raise check.error("egress.rules", f"entry {index} must be a table ([[egress.rules]])")
+    values: dict[str, Any] = {"name": prefix}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key == "name":
+            values[key] = f"{prefix} {check.string(dotted, value)}"
+        elif key == "action":
+            values[key] = check.choice(dotted, value, ACTIONS)
+        elif key == "hosts":
+            hosts = []
+            for host in check.stringList(dotted, value):
+                wildcard = host.startswith("*.")
+                try:
+                    name = normaliseHost(host[2:] if wildcard else host)
+                except ValueError as e:
+                    raise check.error(dotted, f"{host!r}: {e}") from None
+                hosts.append("*." + name if wildcard else name)
+            values[key] = tuple(hosts)
+        elif key == "networks":
+            values[key] = check.networks(dotted, value)
+        elif key == "ports":
+            values[key] = check.ports(dotted, value)
+        elif key == "modes":
+            values[key] = frozenset(check.choice(dotted, m, MODES) for m in check.stringList(dotted, value))
+        elif key == "users":
+            values[key] = frozenset(check.stringList(dotted, value))
+        else:
+            raise check.error(dotted, "unknown key")
+    if "action" not in values:
+        raise check.error(prefix, "needs an action (allow or deny)")
+    return EgressRule(**values)
+
+
+def _egress(check: _Checker, table: Mapping[str, Any]) -> EgressSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"egress.{key}"
+        if key == "rules":
+            if not isinstance(value, list):
+                raise check.error(dotted, "must be an array of tables ([[egress.rules]])")
+            values[key] = tuple(_rule(check, i, rule) for i, rule in enumerate(value))
+        elif key == "default":
+            values[key] = check.choice(dotted, value, ACTIONS)
+        elif key == "guard":
+            if not isinstance(value, bool):
+                raise check.error(dotted, f"must be true or false, not {value!r}")
+            values[key] = value
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(EgressSettings(), **values)
+
+
+def _resolver(check: _Checker, table: Mapping[str, Any], base: Path) -> ResolverSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"resolver.{key}"
+        if key == "servers":
+            servers = []
+            for item in check.stringList(dotted, value):
+                host, port = item, 53
+                if item.count(":") == 1 or item.startswith("["):
+                    host, _, portText = item.rpartition(":")
+                    if not portText.isdigit() or not 0 < int(portText) < 65536:
+                        raise check.error(dotted, f"{item!r}: invalid port")
+                    port = int(portText)
+                try:
+                    host = str(ipaddress.ip_address(host.strip("[]")))
+                except ValueError:
+                    raise check.error(dotted, f"{item!r}: must be an IP address[:port]") from None
+                servers.append((host, port))
+            values[key] = tuple(servers)
+        elif key == "hosts_file":
+            values[key] = resolvePath(check.string(dotted, value), base)
+        elif key in ("timeout", "max_ttl"):
+            values[key] = check.number(dotted, value, 0.001 if key == "timeout" else 0, integer=False)
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(ResolverSettings(), **values)
+
+
+_LIMIT_INTEGERS = {
+    "max_header_bytes": 1024,
+    "max_headers": 1,
+    "max_uri_bytes": 64,
+    "max_body_bytes": 0,
+    "max_connections": 1,
+    "max_connections_per_client": 1,
+    "burst": 0,
+}
+_LIMIT_SECONDS = {"header_timeout": 0.001, "tunnel_idle_timeout": 0.001, "requests_per_second": 0}
+
+
+def _limits(check: _Checker, table: Mapping[str, Any]) -> LimitSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"limits.{key}"
+        if key in _LIMIT_INTEGERS:
+            values[key] = check.number(dotted, value, _LIMIT_INTEGERS[key], integer=True)
+        elif key in _LIMIT_SECONDS:
+            values[key] = check.number(dotted, value, _LIMIT_SECONDS[key], integer=False)
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(LimitSettings(), **values)
 
 
 def _upstream(check: _Checker, table: Mapping[str, Any]) -> UpstreamSettings:
@@ -199,7 +426,7 @@ def _upstream(check: _Checker, table: Mapping[str, Any]) -> UpstreamSettings:
         dotted = f"upstream.{key}"
         if key in ("connect_timeout", "read_timeout", "pool_wait_timeout", "idle_timeout"):
             values[key] = check.number(dotted, value, 0.001, integer=False)
-        elif key in ("max_connections_per_destination", "max_connections_total"):
+        elif key in ("max_connections_per_destination", "max_connections_total", "queue_per_destination"):
             values[key] = check.number(dotted, value, 1, integer=True)
         else:
             raise check.error(dotted, "unknown key")
@@ -245,7 +472,13 @@ def settingsFromMapping(
         if not isinstance(table, dict):
             raise check.error(name, "must be a table ([section])")
         if name == "forward":
-            sections[name] = _forward(check, table)
+            sections[name] = _forward(check, table, base)
+        elif name == "egress":
+            sections[name] = _egress(check, table)
+        elif name == "resolver":
+            sections[name] = _resolver(check, table, base)
+        elif name == "limits":
+            sections[name] = _limits(check, table)
         elif name == "upstream":
             sections[name] = _upstream(check, table)
         elif name == "logging":
@@ -258,8 +491,10 @@ def settingsFromMapping(
 
 
 def validate(settings: Settings, check: _Checker) -> None:
-    """Checks that need more than one key's value, or the reactor's help."""
+    """Checks that need more than one key's value, other files, or the reactor."""
     from twisted.internet import endpoints, reactor
+
+    from mydataproxy.auth import Htpasswd, HtpasswdError
 
     try:
         endpoints.serverFromString(reactor, settings.forward.listen)
@@ -267,6 +502,14 @@ def validate(settings: Settings, check: _Checker) -> None:
         raise check.error(
             "forward.listen", f"not a valid endpoint description: {e}"
         ) from None
+    if settings.forward.auth_file:
+        try:
+            Htpasswd.load(settings.forward.auth_file)
+        except (HtpasswdError, OSError) as e:
+            raise check.error("forward.auth_file", str(e)) from None
+    users = {user for rule in settings.egress.rules for user in rule.users}
+    if users and not settings.forward.auth_file:
+        raise check.error("egress.rules", "rules name users, but forward.auth_file is not set")
 
 
 def loadToml(path: Path) -> Settings:

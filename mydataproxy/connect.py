@@ -1,8 +1,8 @@
 """
-Opening connections to origins: resolve the name once, then connect to the
-resolved addresses in turn.
+Opening connections to origins: connect to already resolved (and checked)
+addresses in turn.
 
-Resolution and connection are two steps on purpose: the egress policy must
+The caller resolves and checks the addresses first: the egress policy must
 see the very addresses that are then connected to (no second lookup that DNS
 rebinding could answer differently).  The connection is made with
 C{reactor.connectTCP} and the protocol is built directly, without the
@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import defer, error
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IResolutionReceiver
+from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 
 class OriginProtocol(TypingProtocol):
@@ -30,41 +28,6 @@ class OriginProtocol(TypingProtocol):
     """
 
     ready: defer.Deferred
-
-
-@implementer(IResolutionReceiver)
-class _Addresses:
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.addresses: list[str] = []
-        self.done: defer.Deferred = defer.Deferred()
-
-    def resolutionBegan(self, resolution) -> None:
-        pass
-
-    def addressResolved(self, address) -> None:
-        if address.host not in self.addresses:
-            self.addresses.append(address.host)
-
-    def resolutionComplete(self) -> None:
-        if self.addresses:
-            self.done.callback(self.addresses)
-        else:
-            self.done.errback(error.DNSLookupError(self.host))
-
-
-def resolve(reactor, host: str) -> defer.Deferred:
-    """
-    The addresses of C{host} (an IP literal is its own answer).
-
-    @return: Deferred firing with a non-empty list of address strings, or
-        failing with L{error.DNSLookupError}.
-    """
-    if isIPAddress(host) or isIPv6Address(host):
-        return defer.succeed([host])
-    receiver = _Addresses(host)
-    reactor.nameResolver.resolveHostName(receiver, host)
-    return receiver.done
 
 
 class _OneConnectionFactory(ClientFactory):

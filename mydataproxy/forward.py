@@ -8,78 +8,110 @@ complete, so L{ForwardChannel} tells its current request the request line as
 soon as it is parsed, and L{ForwardRequest} starts relaying in C{gotLength}
 (called when the head is complete), streams the body from
 C{handleContentChunk}, and treats C{requestReceived} as "body complete".
+
+A request passes, in order: the limits on its head (414, 431, 408), its
+framing (400), the client allow-list (403), the rate limit (429), proxy
+authentication (407), target parsing (400, 403), the body limit (413), name
+resolution (502, 504) and the egress policy on the resolved addresses (403).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import txaio
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import INonQueuedRequestFactory
 from zope.interface import implementer, provider
 
 from mydataproxy import headers as rules
-from mydataproxy.headers import plainResponse
+from mydataproxy.auth import Htpasswd, challenge, parseBasic
 from mydataproxy.config import Settings
+from mydataproxy.framing import BodyFramingCheck, headerProblem, requestLineProblem
+from mydataproxy.headers import plainResponse
+from mydataproxy.limits import ConnectionCounter, RateLimiter
 from mydataproxy.logs import AccessLog
-from mydataproxy.policy import ForwardPolicy
-from mydataproxy.target import Mode, Refusal, Target, parseTarget
+from mydataproxy.policy import ClientAccess, EgressPolicy, Request as PolicyRequest, connectAllowed
+from mydataproxy.resolver import Resolver
+from mydataproxy.target import Refusal, Target, parseTarget
 from mydataproxy.tunnel import Tunnel
-from mydataproxy.upstream import BodyFraming, UpstreamError, UpstreamExchange, UpstreamPool
+from mydataproxy.upstream import BodyFraming, Destination, UpstreamError, UpstreamExchange, UpstreamPool
 
 txaio.use_twisted()
 log = txaio.make_logger()
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 
+class RefusedConnection(Protocol):
+    """Answers a connection beyond the limits with one response, then closes."""
 
-def requestLineProblem(line: bytes) -> str | None:
-    """What is wrong with a request line (RFC 9112 3), or L{None}."""
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        return "malformed request line"
-    method, target, version = parts
-    if not method or not _TOKEN.issuperset(method):
-        return "invalid method"
-    if not target or any(c < 0x21 or c > 0x7E for c in target):
-        return "invalid request target"
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        return "unsupported HTTP version"
-    return None
+    def __init__(self, response: bytes) -> None:
+        self.response = response
 
-
-def headerProblem(line: bytes) -> str | None:
-    """What is wrong with one header field line, or L{None}."""
-    name, colon, value = line.partition(b":")
-    if not colon or not name or not _TOKEN.issuperset(name):
-        return "invalid header field name"
-    if value.translate(None, _CTL) != value:
-        return "control character in header field value"
-    return None
+    def connectionMade(self) -> None:
+        self.transport.write(self.response)
+        self.transport.loseConnection()
 
 
 class ForwardProxy(Factory):
     """
-    Shared state of one forward listener: settings, policy, the upstream
-    pool and the access log.
+    Shared state of one forward listener: settings, policies, limits, the
+    resolver, the upstream pool and the access log.
     """
 
     noisy = False
 
-    def __init__(self, settings: Settings, pool: UpstreamPool, accessLog: AccessLog, reactor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: UpstreamPool,
+        resolver: Resolver,
+        accessLog: AccessLog,
+        reactor,
+        htpasswd: Htpasswd | None = None,
+    ) -> None:
         self.settings = settings
-        self.policy = ForwardPolicy(settings.forward)
+        self.limits = settings.limits
+        self.access = ClientAccess(settings.forward)
+        self.egress = EgressPolicy(settings.egress)
         self.pool = pool
+        self.resolver = resolver
         self.accessLog = accessLog
         self.reactor = reactor
+        self.htpasswd = htpasswd
+        self.connections = ConnectionCounter(settings.limits)
+        self.rate = RateLimiter(settings.limits, reactor)
+        self.tunnels: set[Tunnel] = set()
+        self._tunnelSweep = LoopingCall(self._closeIdleTunnels)
+        self._tunnelSweep.clock = reactor
 
-    def buildProtocol(self, addr) -> "ForwardChannel":
-        channel = ForwardChannel()
+    def startFactory(self) -> None:
+        self._tunnelSweep.start(min(self.limits.tunnel_idle_timeout / 4, 30.0), now=False)
+
+    def stopFactory(self) -> None:
+        if self._tunnelSweep.running:
+            self._tunnelSweep.stop()
+
+    def _closeIdleTunnels(self) -> None:
+        deadline = self.reactor.seconds() - self.limits.tunnel_idle_timeout
+        for tunnel in [t for t in self.tunnels if t.lastActivity < deadline]:
+            log.info("closing tunnel to {target}: idle past limits.tunnel_idle_timeout", target=tunnel.display)
+            tunnel.close()
+
+    def buildProtocol(self, addr) -> Protocol:
+        client = getattr(addr, "host", str(addr))
+        refusal = self.connections.admit(client)
+        if refusal is not None:
+            log.warn("503 connection from {client} refused by {rule}", client=client, rule=refusal)
+            return RefusedConnection(
+                plainResponse(503, "too many connections", close=True, fields=[(b"Retry-After", b"1")])
+            )
+        channel = ForwardChannel(self.limits, client)
         channel.factory = self
         channel.timeOut = self.settings.forward.client_idle_timeout
         return channel
@@ -88,21 +120,94 @@ class ForwardProxy(Factory):
         """C{Request.finish} calls this: write the access line."""
         request.recordAccess()
 
+    def authenticate(self, credentials: list[bytes] | None) -> defer.Deferred:
+        """
+        The user a request's C{Proxy-Authorization} proves (L{None} when
+        authentication is off).  A password not recently verified is checked
+        in a thread: bcrypt takes long enough to stall the reactor.
+
+        @return: Deferred firing with the user, or failing with a 407
+            L{Refusal}.
+        """
+        htpasswd = self.htpasswd
+        if htpasswd is None:
+            return defer.succeed(None)
+        parsed = parseBasic(credentials[0]) if credentials else None
+        if parsed is None:
+            return defer.fail(self._authenticationRequired())
+        if htpasswd.recentlyVerified(*parsed):
+            return defer.succeed(parsed[0])
+
+        def checked(valid: bool) -> str:
+            if not valid:
+                raise self._authenticationRequired()
+            return parsed[0]
+
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), htpasswd.verify, *parsed
+        ).addCallback(checked)
+
+    def _authenticationRequired(self) -> Refusal:
+        return Refusal(
+            407,
+            "proxy authentication required",
+            "forward.auth_file",
+            fields=[(b"Proxy-Authenticate", challenge(self.settings.forward.auth_realm))],
+        )
+
+    def admit(self, credentials: list[bytes] | None, target: Target) -> defer.Deferred:
+        """
+        Authenticate, then route: the L{Destination} C{target} may use.
+        """
+        if self.htpasswd is None:
+            return self.route(target, None)
+        return self.authenticate(credentials).addCallback(lambda user: self.route(target, user))
+
+    def route(self, target: Target, user: str | None) -> defer.Deferred:
+        """
+        Resolve C{target}'s host once and let the egress policy pick the
+        addresses it may use.
+
+        @return: Deferred firing with the L{Destination} carrying those
+            addresses, or failing with a L{Refusal} (403) or a resolution
+            error.
+        """
+        destination = target.destination
+        request = PolicyRequest(target.mode.value, destination.host, destination.port, user)
+
+        def decide(addresses: list[str]) -> Destination:
+            allowed, decision = self.egress.decide(request, addresses)
+            if not allowed:
+                raise Refusal(403, "destination not allowed", decision.rule)
+            return replace(destination, addresses=tuple(allowed))
+
+        return self.resolver.resolve(destination.host).addCallback(decide)
+
 
 @implementer(IHalfCloseableProtocol)
 class ForwardChannel(http.HTTPChannel):
     """
-    An C{HTTPChannel} that streams requests to origins and turns CONNECT
-    requests into tunnels.
+    An C{HTTPChannel} that streams requests to origins, turns CONNECT
+    requests into tunnels, and enforces the head limits with a reason.
     """
 
     factory: ForwardProxy
 
-    def __init__(self) -> None:
+    def __init__(self, limits, client: str) -> None:
         super().__init__()
         self.requestFactory = ForwardRequest
+        self.limits = limits
+        self.admittedAs = client
         self.tunnel: Tunnel | None = None
+        # Ours run first and answer with a reason; HTTPChannel's stay as a
+        # backstop.  Lines longer than MAX_LENGTH go to lineLengthExceeded.
+        self.MAX_LENGTH = self.totalHeadersSize = limits.max_header_bytes
+        self.maxHeaders = limits.max_headers
         self._awaitingRequestLine = True
+        self._headBytes = 0
+        self._headFields = 0
+        self._framing: BodyFramingCheck | None = None
+        self._headDeadline = None
         self._peer = None
         self._host = None
 
@@ -118,41 +223,77 @@ class ForwardChannel(http.HTTPChannel):
         return self._host
 
     def clientAddress(self) -> str:
-        """The client's IP address as text."""
+        """The socket peer's IP address as text."""
         peer = self.getPeer()
         return getattr(peer, "host", str(peer))
 
-    def badRequest(self, reason: str) -> None:
-        """Answer 400 with C{reason}, log it, and close the connection."""
-        log.info("400 from {client}: {reason}", client=self.clientAddress(), reason=reason)
-        self.transport.write(plainResponse(400, f"bad request: {reason}", close=True))
+    def refuseHead(self, status: int, reason: str, rule: str = "") -> None:
+        """Answer a request whose head we won't read, log it, and close."""
+        log.info(
+            "{status} from {client}: {reason}{rule}",
+            status=status,
+            client=self.clientAddress(),
+            reason=reason,
+            rule=f" ({rule})" if rule else "",
+        )
+        self._cancelHeadDeadline()
+        self.transport.write(plainResponse(status, reason, close=True))
         self.loseConnection()
 
+    # The request head, line by line.
+
     def lineReceived(self, line: bytes) -> None:
-        if self._awaitingRequestLine and line:
+        if self._awaitingRequestLine:
+            if not line:
+                super().lineReceived(line)  # the one blank line tolerated between requests
+                return
+            self._headBytes, self._headFields = len(line) + 2, 0
+            parts = line.split(b" ")
+            if len(parts) == 3 and len(parts[1]) > self.limits.max_uri_bytes:
+                self.refuseHead(414, "URI too long", "limits.max_uri_bytes")
+                return
             problem = requestLineProblem(line)
             if problem:
-                self.badRequest(problem)
+                self.refuseHead(400, f"bad request: {problem}")
                 return
             super().lineReceived(line)
             if self.requests and not self.transport.disconnecting:
                 self._awaitingRequestLine = False
-                method, uri, version = line.split(b" ")
+                method, uri, version = parts
+                self._framing = BodyFramingCheck(version)
                 self.requests[-1].requestLineReceived(method, uri, version)
             return
+        self._headBytes += len(line) + 2
+        if self._headBytes > self.limits.max_header_bytes:
+            self.refuseHead(431, "request header fields too large", "limits.max_header_bytes")
+            return
         if line[:1] in (b" ", b"\t"):
-            self.badRequest("obsolete line folding in header")
+            self.refuseHead(400, "bad request: obsolete line folding in header")
             return
         super().lineReceived(line)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._awaitingRequestLine:
+            self.refuseHead(414, "URI too long", "limits.max_uri_bytes")
+        else:
+            self.refuseHead(431, "request header fields too large", "limits.max_header_bytes")
+
     def headerReceived(self, line: bytes) -> bool:
+        self._headFields += 1
+        if self._headFields > self.limits.max_headers:
+            self.refuseHead(431, "too many request header fields", "limits.max_headers")
+            return False
         problem = headerProblem(line)
+        if problem is None:
+            name, _, value = line.partition(b":")
+            problem = self._framing.problem(name, value)
         if problem:
-            self.badRequest(problem)
+            self.refuseHead(400, f"bad request: {problem}")
             return False
         return super().headerReceived(line)
 
     def allHeadersReceived(self) -> None:
+        self._cancelHeadDeadline()
         request = self.requests[-1]
         if request.method == b"CONNECT":
             del self.requests[-1]
@@ -166,6 +307,25 @@ class ForwardChannel(http.HTTPChannel):
         self._awaitingRequestLine = True
         super().allContentReceived()
 
+    # The deadline for a whole request head (slowloris).
+
+    def _armHeadDeadline(self) -> None:
+        self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
+
+    def _cancelHeadDeadline(self) -> None:
+        if self._headDeadline is not None:
+            if self._headDeadline.active():
+                self._headDeadline.cancel()
+            self._headDeadline = None
+
+    def _headTimedOut(self) -> None:
+        self._headDeadline = None
+        self.refuseHead(
+            408,
+            f"request head not complete within {self.limits.header_timeout:g} s",
+            "limits.header_timeout",
+        )
+
     # CONNECT
 
     def startTunnel(self, request: "ForwardRequest") -> None:
@@ -173,20 +333,24 @@ class ForwardChannel(http.HTTPChannel):
         self.setTimeout(None)
         self.setRawMode()
         self.transport.unregisterProducer()
-        self.tunnel = Tunnel(self, request.tunnelTarget(), self.factory)
+        self.tunnel = Tunnel(self, request.tunnelTarget(), request.credentials(), self.factory)
         self.tunnel.start()
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.fromClient(data)
-        else:
-            super().dataReceived(data)
+            return
+        if self._headDeadline is None and not self.requests:
+            self._armHeadDeadline()  # the first bytes of a new request head
+        super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.fromClient(data)
-        else:
-            super().rawDataReceived(data)
+            return
+        super().rawDataReceived(data)
+        if self.transport.disconnecting and self.requests and not self.requests[-1].bodyComplete:
+            log.info("400 from {client}: malformed chunked request body", client=self.clientAddress())
 
     def readConnectionLost(self) -> None:
         """The client half-closed: end a tunnel's one direction, or finish HTTP."""
@@ -203,6 +367,8 @@ class ForwardChannel(http.HTTPChannel):
         """Our half-close towards the client completed; nothing to do."""
 
     def connectionLost(self, reason: Failure) -> None:
+        self._cancelHeadDeadline()
+        self.factory.connections.release(self.admittedAs)
         if self.tunnel is not None:
             self.tunnel.clientLost(reason)
         super().connectionLost(reason)
@@ -244,6 +410,7 @@ class ForwardRequest(http.Request):
         super().__init__(channel)
         self.started = time.monotonic()
         self.target: Target | None = None
+        self.clientIP = ""
         self.bytesIn = 0
         self.upstreamAddress = ""
         self._exchange: UpstreamExchange | None = None
@@ -266,12 +433,37 @@ class ForwardRequest(http.Request):
     def proxy(self) -> ForwardProxy:
         return self.channel.factory
 
+    def _admitClient(self) -> None:
+        """
+        The checks before any target work: client allow-list and rate.
+
+        @raise Refusal: When one of them refuses.
+        """
+        proxy = self.proxy
+        self.clientIP = proxy.access.clientAddress(
+            self.channel.clientAddress(), self.requestHeaders.getRawHeaders(b"x-forwarded-for")
+        )
+        decision = proxy.access.allowed(self.clientIP)
+        if not decision.allowed:
+            raise Refusal(403, "client address not allowed", decision.rule)
+        if proxy.rate.enabled:
+            wait = proxy.rate.retryAfter(self.clientIP)
+            if wait is not None:
+                raise Refusal(
+                    429, "too many requests", "limits.requests_per_second",
+                    fields=[(b"Retry-After", b"%d" % wait)],
+                )
+
+    def credentials(self) -> list[bytes] | None:
+        """The C{Proxy-Authorization} values sent."""
+        return self.requestHeaders.getRawHeaders(b"proxy-authorization")
+
     def tunnelTarget(self) -> Target | Refusal:
-        """For CONNECT: where to, or why not."""
+        """For CONNECT: where to, or why not (authentication comes next)."""
         try:
-            self._checkClient()
+            self._admitClient()
             target = parseTarget(self.method, self.uri, None)
-            decision = self.proxy.policy.connectAllowed(target.destination.port)
+            decision = connectAllowed(self.proxy.settings.forward, target.destination.port)
             if not decision.allowed:
                 raise Refusal(
                     403, f"CONNECT to port {target.destination.port} is not allowed", decision.rule
@@ -281,18 +473,13 @@ class ForwardRequest(http.Request):
             self._logRefusal(refusal)
             return refusal
 
-    def _checkClient(self) -> None:
-        decision = self.proxy.policy.clientAllowed(self.channel.clientAddress())
-        if not decision.allowed:
-            raise Refusal(403, "client address not allowed", decision.rule)
-
     def _logRefusal(self, refusal: Refusal) -> None:
         log.info(
             "{status} {method} {uri} from {client}: {reason}{rule}",
             status=refusal.status,
             method=self.method.decode("ascii", "replace"),
             uri=self.uri.decode("ascii", "replace"),
-            client=self.channel.clientAddress(),
+            client=self.clientIP or self.channel.clientAddress(),
             reason=refusal.reason,
             rule=f" (refused by {refusal.rule})" if refusal.rule else "",
         )
@@ -302,14 +489,17 @@ class ForwardRequest(http.Request):
     def gotLength(self, length: int | None) -> None:
         """The head is complete: route the request and start relaying."""
         self._hasBody = length != 0
+        limit = self.proxy.limits.max_body_bytes
         try:
-            self._checkClient()
+            self._admitClient()
             self.target = parseTarget(
                 self.method, self.uri, self.requestHeaders.getRawHeaders(b"x-target-host")
             )
+            if limit and length is not None and length > limit:
+                raise Refusal(413, "request body too large", "limits.max_body_bytes")
         except Refusal as refusal:
             self._logRefusal(refusal)
-            self.refuse(refusal.status, refusal.reason)
+            self.refuse(refusal.status, refusal.reason, refusal.fields)
             return
         if length is None:
             framing = BodyFraming.CHUNKED
@@ -319,21 +509,34 @@ class ForwardRequest(http.Request):
             framing = BodyFraming.NONE
         self._exchange = UpstreamExchange(
             self.proxy.pool,
-            self.target.destination,
             self._upstreamHead(framing),
             framing,
             headOnly=self.method == b"HEAD",
             receiver=self,
             bodyProducer=_ClientBodyThrottle(self.transport),
         )
-        self._exchange.start()
+        self.proxy.admit(self.credentials(), self.target).addCallbacks(self._routed, self._routeFailed)
+
+    def _routed(self, destination: Destination) -> None:
+        if self._exchange is not None and not self._clientGone:
+            self._exchange.start(destination)
+
+    def _routeFailed(self, failure: Failure) -> None:
+        if self._exchange is None or self._clientGone:
+            return
+        if failure.check(Refusal):
+            self._logRefusal(failure.value)
+            self._exchange.abort()
+            self.refuse(failure.value.status, failure.value.reason, failure.value.fields)
+            return
+        self.responseFailed(self.proxy.pool.describeConnectFailure(self.target.destination, failure))
 
     def _upstreamHead(self, framing: BodyFraming) -> bytes:
         fields = rules.upstreamRequestHeaders(
             self.requestHeaders,
             self.proxy.settings.forward.header_filter,
             self.target.destination.authority,
-            self.channel.clientAddress().encode("ascii"),
+            self.clientIP.encode("ascii"),
         )
         lines = [b"%s %s HTTP/1.1\r\n" % (self.method, self.target.path)]
         lines.extend(b"%s: %s\r\n" % field for field in fields)
@@ -344,6 +547,18 @@ class ForwardRequest(http.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self.bytesIn += len(data)
+        limit = self.proxy.limits.max_body_bytes
+        if limit and self.bytesIn > limit and self._exchange is not None:
+            # A chunked body outgrew the limit: stop relaying, say so if we still can.
+            refusal = Refusal(413, "request body too large", "limits.max_body_bytes")
+            self._logRefusal(refusal)
+            exchange, self._exchange = self._exchange, None
+            exchange.abort()
+            if self.startedWriting:
+                self.channel.transport.abortConnection()
+            else:
+                self.refuse(refusal.status, refusal.reason)
+            return
         if self._exchange is not None:
             self._exchange.writeBody(data)
 
@@ -407,20 +622,25 @@ class ForwardRequest(http.Request):
             # The head is out; all we can do is cut the response short.
             self.channel.transport.abortConnection()
             return
-        self.refuse(failure.status, failure.reason)
+        retry = [(b"Retry-After", b"%d" % failure.retryAfter)] if failure.retryAfter else []
+        self.refuse(failure.status, failure.reason, retry)
 
     # Answers the proxy gives itself.
 
-    def refuse(self, status: int, reason: str) -> None:
+    def refuse(self, status: int, reason: str, fields: rules.HeaderList = ()) -> None:
         """Answer C{status} with a plain-text C{reason} (the caller logs why)."""
         body = (reason + "\n").encode("utf-8")
         self.setResponseCode(status)
         self.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
         self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+        for name, value in fields:
+            self.responseHeaders.addRawHeader(name, value)
         if self._hasBody and not self._bodyComplete:
-            # Don't wait for a body nobody will read before closing.
+            # Don't wait for a body nobody will read before closing, and
+            # don't invite it with a 100 Continue.
             self.channel.persistent = False
             self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            self.requestHeaders.removeHeader(b"expect")
         self.write(body)
         self._responseComplete = True
         self._maybeFinish()

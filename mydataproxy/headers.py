@@ -109,7 +109,7 @@ def relayedResponseFields(fields: HeaderList) -> HeaderList:
     return out
 
 
-def plainResponse(status: int, reason: str, close: bool) -> bytes:
+def plainResponse(status: int, reason: str, close: bool, fields: HeaderList = ()) -> bytes:
     """A complete plain-text response, for answers the proxy gives itself."""
     body = (reason + "\n").encode("utf-8")
     phrase = RESPONSES.get(status, b"Error")
@@ -118,6 +118,7 @@ def plainResponse(status: int, reason: str, close: bool) -> bytes:
             b"HTTP/1.1 %d %s\r\n" % (status, phrase),
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
+            *(b"%s: %s\r\n" % field for field in fields),
             b"Connection: close\r\n" if close else b"",
             b"\r\n",
             body,

@@ -1,17 +1,74 @@
 """
 Who may use the proxy and where they may go.
 
-This is the first slice of the egress policy: the client allow-list and the
-CONNECT port list.  Every refusal carries the rule that decided it, so the
-log line can name it.
+Every decision names the rule that made it, so a refusal's log line can say
+why.  Destinations are decided per resolved address: a request goes only to
+addresses that were allowed, and the connection is made to exactly those
+(no second lookup that DNS rebinding could answer differently).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Sequence
 
-from mydataproxy.config import ForwardSettings
+from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, IPNetwork
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Special-purpose ranges (RFC 6890 and successors) a proxy must not reach
+# unless a rule names them: the SSRF guard.  Order matters only for the name
+# a refusal shows.
+GUARDED: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(network), label)
+    for network, label in [
+        ("169.254.169.254/32", "cloud metadata"),
+        ("fd00:ec2::254/128", "cloud metadata"),
+        ("0.0.0.0/8", "unspecified/this network"),
+        ("10.0.0.0/8", "private (RFC 1918)"),
+        ("100.64.0.0/10", "carrier-grade NAT"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private (RFC 1918)"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("192.0.2.0/24", "documentation"),
+        ("192.88.99.0/24", "6to4 relay anycast"),
+        ("192.168.0.0/16", "private (RFC 1918)"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation"),
+        ("203.0.113.0/24", "documentation"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("64:ff9b:1::/48", "local-use NAT64"),
+        ("100::/64", "discard-only"),
+        ("2001::/23", "IETF protocol assignments"),
+        ("2001:db8::/32", "documentation"),
+        ("fc00::/7", "unique local"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+    ]
+)
+
+
+def guardedRange(address: IPAddress) -> str | None:
+    """The special-purpose range C{address} is in, described, or L{None}."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address inside IPv6 (mapped, NAT64, 6to4) is judged as IPv4.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return guardedRange(embedded)
+    for network, label in GUARDED:
+        if address in network:
+            return f"{label} {network}"
+    return None
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,30 +79,134 @@ class Decision:
     rule: str
 
 
-class ForwardPolicy:
-    """Checks a forward-proxy request against the listener's settings."""
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a destination decision looks at."""
+
+    mode: str
+    host: str
+    port: int
+    user: str | None = None
+
+
+def _hostMatches(patterns: Sequence[str], host: str) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]):
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+class EgressPolicy:
+    """Destination rules, default and SSRF guard, decided per address."""
+
+    def __init__(self, settings: EgressSettings) -> None:
+        self._rules = settings.rules
+        self._default = settings.default
+        self._guard = settings.guard
+
+    def _firstMatch(self, request: Request, address: IPAddress) -> EgressRule | None:
+        for rule in self._rules:
+            if rule.modes and request.mode not in rule.modes:
+                continue
+            if rule.ports and request.port not in rule.ports:
+                continue
+            if rule.users and request.user not in rule.users:
+                continue
+            if rule.hosts and not _hostMatches(rule.hosts, request.host):
+                continue
+            if rule.networks and not any(address in n for n in rule.networks):
+                continue
+            return rule
+        return None
+
+    def decideAddress(self, request: Request, address: str) -> Decision:
+        """May C{request} connect to C{address}?"""
+        ip = ipaddress.ip_address(address)
+        rule = self._firstMatch(request, ip)
+        special = guardedRange(ip) if self._guard else None
+        if rule is not None and rule.action == "deny":
+            return Decision(False, rule.name)
+        if special is not None:
+            # Only a rule that names this destination lifts the guard.
+            if rule is not None and (rule.hosts or rule.networks):
+                return Decision(True, rule.name)
+            return Decision(False, f"egress.guard ({special})")
+        if rule is not None:
+            return Decision(True, rule.name)
+        return Decision(self._default == "allow", f"egress.default ({self._default})")
+
+    def decide(self, request: Request, addresses: Sequence[str]) -> tuple[list[str], Decision]:
+        """
+        The addresses C{request} may connect to, and the decision to report:
+        the first allowing one, or (when none may be used) the first refusal.
+        """
+        allowed: list[str] = []
+        first: Decision | None = None
+        refusal: Decision | None = None
+        for address in addresses:
+            decision = self.decideAddress(request, address)
+            if decision.allowed:
+                allowed.append(address)
+                first = first or decision
+            else:
+                refusal = refusal or decision
+        return allowed, first or refusal
+
+
+class ClientAccess:
+    """The client allow-list, and which X-Forwarded-For hop to believe."""
 
     def __init__(self, settings: ForwardSettings) -> None:
         self._networks = settings.client_allow
-        self._connectPorts = settings.connect_ports
+        self._trusted = settings.trusted_proxies
 
-    def clientAllowed(self, address: str) -> Decision:
+    def _trusts(self, ip: IPAddress) -> bool:
+        return any(ip in network for network in self._trusted)
+
+    def clientAddress(self, peer: str, forwardedFor: Sequence[bytes] | None) -> str:
+        """
+        The address a request comes from: the socket peer, unless the peer
+        is a trusted proxy, in which case the rightmost X-Forwarded-For hop
+        that is not itself a trusted proxy.
+        """
+        if not self._trusted or not forwardedFor or not self._trusts(_ip(peer)):
+            return peer
+        hops = [h.strip() for value in forwardedFor for h in value.split(b",")]
+        for hop in reversed(hops):
+            try:
+                ip = _ip(hop.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                return peer  # a garbled chain proves nothing
+            if not self._trusts(ip):
+                return str(ip)
+        return peer
+
+    def allowed(self, address: str) -> Decision:
         """May the client at C{address} use this listener?"""
         if not self._networks:
             return Decision(True, "forward.client_allow is empty")
         try:
-            ip = ipaddress.ip_address(address)
+            ip = _ip(address)
         except ValueError:
             return Decision(False, "forward.client_allow (not an IP client)")
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         for network in self._networks:
             if ip in network:
                 return Decision(True, f"forward.client_allow {network}")
         return Decision(False, "forward.client_allow (no match)")
 
-    def connectAllowed(self, port: int) -> Decision:
-        """May a CONNECT tunnel go to C{port}?"""
-        if port in self._connectPorts:
-            return Decision(True, f"forward.connect_ports {port}")
-        return Decision(False, "forward.connect_ports")
+
+def _ip(text: str) -> IPAddress:
+    ip = ipaddress.ip_address(text.strip("[]"))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def connectAllowed(settings: ForwardSettings, port: int) -> Decision:
+    """May a CONNECT tunnel go to C{port}?"""
+    if port in settings.connect_ports:
+        return Decision(True, f"forward.connect_ports {port}")
+    return Decision(False, "forward.connect_ports")

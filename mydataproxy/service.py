@@ -13,9 +13,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
+from mydataproxy.auth import Htpasswd
 from mydataproxy.config import Settings
 from mydataproxy.forward import ForwardProxy
 from mydataproxy.logs import AccessLog
+from mydataproxy.resolver import Resolver
 from mydataproxy.upstream import UpstreamPool
 
 txaio.use_twisted()
@@ -72,7 +74,10 @@ class ProxyService(MultiService):
         self.settings = settings
         self.accessLog = AccessLog(settings.logging.access_log, reactor)
         self.pool = UpstreamPool(reactor, settings.upstream)
-        forward = ForwardProxy(settings, self.pool, self.accessLog, reactor)
+        htpasswd = Htpasswd.load(settings.forward.auth_file) if settings.forward.auth_file else None
+        forward = ForwardProxy(
+            settings, self.pool, Resolver(reactor, settings.resolver), self.accessLog, reactor, htpasswd
+        )
         ListenerService("forward", settings.forward.listen, forward, reactor).setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -82,6 +87,8 @@ class ProxyService(MultiService):
             log.warn("{notice}", notice=notice)
         if not self.settings.forward.client_allow:
             log.info("forward.client_allow is empty: every client that reaches the listener may use it")
+        if not self.settings.egress.guard:
+            log.warn("egress.guard is off: private, loopback and cloud metadata addresses are reachable")
         self.accessLog.start()
         super().privilegedStartService()
 

@@ -11,6 +11,7 @@ L{Target} or refused with a L{Refusal} (status and short reason).
 from __future__ import annotations
 
 import enum
+from typing import Sequence
 from dataclasses import dataclass
 
 from mydataproxy.hosts import normaliseHost
@@ -28,14 +29,18 @@ class Mode(enum.Enum):
 class Refusal(Exception):
     """
     A request the proxy answers itself, with C{status} and C{reason}; C{rule}
-    names the setting that decided it, for the log.
+    names the setting that decided it, for the log; C{fields} are extra
+    response fields (C{Retry-After}, C{Proxy-Authenticate}).
     """
 
-    def __init__(self, status: int, reason: str, rule: str = "") -> None:
+    def __init__(
+        self, status: int, reason: str, rule: str = "", fields: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.rule = rule
+        self.fields = list(fields)
 
 
 @dataclass(frozen=True, slots=True)

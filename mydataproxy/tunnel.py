@@ -20,9 +20,9 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mydataproxy.headers import plainResponse
+from mydataproxy.headers import HeaderList, plainResponse
 from mydataproxy.target import Refusal, Target
-from mydataproxy.connect import connect, resolve
+from mydataproxy.connect import connect
 
 if TYPE_CHECKING:
     from mydataproxy.forward import ForwardChannel, ForwardProxy
@@ -68,12 +68,20 @@ class Tunnel:
     @param target: Where to connect, or the L{Refusal} to answer with.
     """
 
-    def __init__(self, channel: "ForwardChannel", target: Target | Refusal, proxy: "ForwardProxy") -> None:
+    def __init__(
+        self,
+        channel: "ForwardChannel",
+        target: Target | Refusal,
+        credentials: list[bytes] | None,
+        proxy: "ForwardProxy",
+    ) -> None:
         self.channel = channel
         self.client = channel.transport
         self.target = target
+        self.credentials = credentials
         self.proxy = proxy
         self.started = time.monotonic()
+        self.lastActivity = proxy.reactor.seconds()
         self.status = 200
         self.bytesIn = 0
         self.bytesOut = 0
@@ -85,17 +93,21 @@ class Tunnel:
         self._originEOF = False
         self._over = False
 
+    @property
+    def display(self) -> str:
+        return self.target.display if isinstance(self.target, Target) else "-"
+
     def start(self) -> None:
         if isinstance(self.target, Refusal):
-            self._refuse(self.target.status, self.target.reason)
+            self._refuse(self.target.status, self.target.reason, self.target.fields)
             return
-        destination = self.target.destination
+        self.proxy.tunnels.add(self)
         reactor = self.proxy.reactor
-        d = resolve(reactor, destination.host)
+        d = self.proxy.admit(self.credentials, self.target)
         d.addCallback(
-            lambda addresses: connect(
+            lambda destination: connect(
                 reactor,
-                addresses,
+                list(destination.addresses),
                 destination.port,
                 self.proxy.settings.upstream.connect_timeout,
                 TunnelOrigin(self),
@@ -103,17 +115,33 @@ class Tunnel:
         )
         d.addCallbacks(self._connected, self._connectFailed)
 
-    def _refuse(self, status: int, reason: str) -> None:
+    def _refuse(self, status: int, reason: str, fields: HeaderList = ()) -> None:
         self.status = status
-        self.client.write(plainResponse(status, reason, close=True))
+        self.client.write(plainResponse(status, reason, close=True, fields=fields))
         self.client.loseConnection()
 
     def _connectFailed(self, failure: Failure) -> None:
         if self._over:
             return
+        if failure.check(Refusal):
+            refusal = failure.value
+            log.info(
+                "{status} CONNECT {target}: {reason} (refused by {rule})",
+                status=refusal.status,
+                target=self.display,
+                reason=refusal.reason,
+                rule=refusal.rule,
+            )
+            self._refuse(refusal.status, refusal.reason, refusal.fields)
+            return
         error = self.proxy.pool.describeConnectFailure(self.target.destination, failure)
-        log.warn("{status} CONNECT {target}: {reason}", status=error.status, target=self.target.display, reason=error.reason)
+        log.warn("{status} CONNECT {target}: {reason}", status=error.status, target=self.display, reason=error.reason)
         self._refuse(error.status, error.reason)
+
+    def close(self) -> None:
+        """End the tunnel now (idle too long, or shutting down)."""
+        self.client.unregisterProducer()
+        self.client.loseConnection()
 
     def _connected(self, origin: TunnelOrigin) -> None:
         if self._over:
@@ -139,6 +167,7 @@ class Tunnel:
 
     def fromClient(self, data: bytes) -> None:
         self.bytesIn += len(data)
+        self.lastActivity = self.proxy.reactor.seconds()
         if self._origin is not None:
             self._origin.transport.write(data)
             return
@@ -159,6 +188,7 @@ class Tunnel:
 
     def clientLost(self, reason: Failure) -> None:
         self._over = True
+        self.proxy.tunnels.discard(self)
         if self._origin is not None:
             self._origin.transport.unregisterProducer()
             self._origin.transport.loseConnection()
@@ -166,7 +196,7 @@ class Tunnel:
         self.proxy.accessLog.record(
             client=f"{peer.host}:{peer.port}",
             method="CONNECT",
-            target=self.target.display if isinstance(self.target, Target) else "-",
+            target=self.display,
             status=self.status,
             bytesIn=self.bytesIn,
             bytesOut=self.bytesOut,
@@ -178,6 +208,7 @@ class Tunnel:
 
     def fromOrigin(self, data: bytes) -> None:
         self.bytesOut += len(data)
+        self.lastActivity = self.proxy.reactor.seconds()
         self.client.write(data)
 
     def originReadClosed(self) -> None:

@@ -28,8 +28,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mydataproxy.config import UpstreamSettings
-from mydataproxy.connect import connect, resolve
+from mydataproxy.connect import connect
 from mydataproxy.headers import HeaderList
+from mydataproxy.resolver import ResolutionTimeout
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -43,11 +44,17 @@ PENDING_BODY_LIMIT = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """Where a request goes: the pool key."""
+    """
+    Where a request goes: the pool key.
+
+    @ivar addresses: The resolved addresses the policy allowed; connections
+        are made to these and nothing else.
+    """
 
     scheme: str
     host: str
     port: int
+    addresses: tuple[str, ...] = ()
 
     @property
     def authority(self) -> bytes:
@@ -70,13 +77,17 @@ class UpstreamError(Exception):
     @ivar reason: A short plain-text explanation for the client and the log.
     @ivar retryable: True if no byte of the request can have been acted on
         (a stale pooled connection closed before it read anything).
+    @ivar retryAfter: Seconds for a C{Retry-After} field, if worth sending.
     """
 
-    def __init__(self, status: int, reason: str, retryable: bool = False) -> None:
+    def __init__(
+        self, status: int, reason: str, retryable: bool = False, retryAfter: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.retryable = retryable
+        self.retryAfter = retryAfter
 
 
 class BodyFraming(enum.Enum):
@@ -432,7 +443,6 @@ class UpstreamExchange:
     def __init__(
         self,
         pool: "UpstreamPool",
-        destination: Destination,
         head: bytes,
         framing: BodyFraming,
         headOnly: bool,
@@ -440,7 +450,7 @@ class UpstreamExchange:
         bodyProducer: IPushProducer,
     ) -> None:
         self.pool = pool
-        self.destination = destination
+        self.destination: Destination | None = None
         self.upstreamAddress = ""
         self._head = head
         self._framing = framing
@@ -459,9 +469,13 @@ class UpstreamExchange:
         self._retried = False
         self._timeoutCall: IDelayedCall | None = None
 
-    def start(self) -> None:
-        """Acquire a connection and send the request."""
-        d = self.pool.acquire(self.destination)
+    def start(self, destination: Destination) -> None:
+        """
+        Acquire a connection to C{destination} and send the request.  Body
+        written before this is held (pausing the client past a bound).
+        """
+        self.destination = destination
+        d = self.pool.acquire(destination)
         d.addCallbacks(self._connected, self._acquireFailed)
 
     def _acquireFailed(self, failure: Failure) -> None:
@@ -591,7 +605,15 @@ class UpstreamExchange:
         self.pool.release(connection)
 
     def abort(self) -> None:
-        """The client went away: drop the origin connection if it is mid-use."""
+        """
+        Give up: the client went away, or the request was refused before it
+        started.  An origin connection in mid-use is dropped; a client body
+        held back is let go, to be read and discarded.
+        """
+        if self._bodyPaused:
+            self._bodyPaused = False
+            self._bodyProducer.resumeProducing()
+        self._pendingBody = []
         if self._ended and self._connection is None:
             return
         self._ended = True
@@ -672,11 +694,17 @@ class UpstreamPool:
         self._total = 0
         self._waiters: deque[_Waiter] = deque()
         self._tlsByHost: dict[str, object] = {}
+        self.rejected = 0
 
     @property
     def openConnections(self) -> int:
         """Connections open or being opened."""
         return self._total
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a connection."""
+        return len(self._waiters)
 
     def acquire(self, destination: Destination, fresh: bool = False) -> defer.Deferred:
         """
@@ -692,6 +720,11 @@ class UpstreamPool:
                 return defer.succeed(connection)
         if self._hasRoom(destination) or self._evictIdleFor(destination):
             return self._connect(destination)
+        if sum(w.destination == destination for w in self._waiters) >= self.settings.queue_per_destination:
+            self.rejected += 1
+            return defer.fail(
+                UpstreamError(503, f"too many requests waiting for {destination}", retryAfter=1)
+            )
         waiter = _Waiter(destination, defer.Deferred(), fresh)
         waiter.timeout = self.clock.callLater(
             self.settings.pool_wait_timeout, self._waitTimedOut, waiter
@@ -737,12 +770,13 @@ class UpstreamPool:
         self._open[destination] = self._open.get(destination, 0) + 1
         self._total += 1
         tls = self._clientTLS(destination.host) if destination.scheme == "https" else None
-        connection = UpstreamConnection(destination, self)
-        d = resolve(self.reactor, destination.host)
-        d.addCallback(
-            lambda addresses: connect(
-                self.reactor, addresses, destination.port, self.settings.connect_timeout, connection, tls
-            )
+        d = connect(
+            self.reactor,
+            list(destination.addresses),
+            destination.port,
+            self.settings.connect_timeout,
+            UpstreamConnection(destination, self),
+            tls,
         )
 
         def failed(failure: Failure) -> Failure:
@@ -766,6 +800,8 @@ class UpstreamPool:
         where = f"{destination.host}:{destination.port}"
         if failure.check(UpstreamError):
             return failure.value
+        if failure.check(ResolutionTimeout):
+            return UpstreamError(504, f"resolving {destination.host} timed out")
         if failure.check(error.DNSLookupError):
             return UpstreamError(502, f"cannot resolve host {destination.host}")
         if failure.check(error.ConnectionRefusedError):
@@ -819,8 +855,14 @@ class UpstreamPool:
 
     def _waitTimedOut(self, waiter: _Waiter) -> None:
         self._waiters.remove(waiter)
+        self.rejected += 1
+        seconds = self.settings.pool_wait_timeout
         waiter.deferred.errback(
-            UpstreamError(503, f"no upstream connection to {waiter.destination} free within {self.settings.pool_wait_timeout:g} s")
+            UpstreamError(
+                503,
+                f"no upstream connection to {waiter.destination} free within {seconds:g} s",
+                retryAfter=max(1, round(seconds)),
+            )
         )
 
     def closeIdle(self) -> None:

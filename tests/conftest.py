@@ -384,6 +384,8 @@ def _toml_value(value) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
 
 
@@ -569,7 +571,46 @@ class ProxyProcess:
             time.sleep(0.05)
 
 
-def default_config(port: int, access_log: Path, connect_ports, **overrides) -> dict:
+class DnsServer:
+    """tests/dnsserver.py in a subprocess: the proxy's only DNS server in tests."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.table = workdir / "dns.json"
+        self.table.write_text("{}")
+        self.hosts = workdir / "hosts"
+        self.hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "dnsserver.py"), str(self.table)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.port = int(self.proc.stdout.readline())
+
+    def set(self, name: str, *answers: list[str], ttl: int = 0) -> None:
+        """Answer C{name} with the given address sets, one per query, cycling."""
+        table = json.loads(self.table.read_text())
+        table[name] = {"answers": [list(a) for a in answers], "ttl": ttl}
+        self.table.write_text(json.dumps(table))
+
+    def queries(self, name: str) -> list[str]:
+        """The query types asked for C{name} so far."""
+        log = Path(str(self.table) + ".log")
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [line.split()[1] for line in lines if line.split()[0] == name]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def dns_server(tmp_path_factory):
+    server = DnsServer(tmp_path_factory.mktemp("dns"))
+    yield server
+    server.stop()
+
+
+def default_config(port: int, access_log: Path, connect_ports, dns: DnsServer, **overrides) -> dict:
     config = {
         "forward": {
             "listen": f"tcp:{port}:interface={LOOPBACK}",
@@ -587,6 +628,16 @@ def default_config(port: int, access_log: Path, connect_ports, **overrides) -> d
             "max_connections_total": 500,
         },
         "logging": {"access_log": str(access_log), "level": "info"},
+        # The SSRF guard refuses loopback unless a rule names it: the test
+        # origins all live there.
+        "egress": {
+            "rules": [{"name": "test origins", "action": "allow", "networks": ["127.0.0.0/8", "::1/128"]}]
+        },
+        "resolver": {
+            "servers": [f"127.0.0.1:{dns.port}"],
+            "hosts_file": str(dns.hosts),
+            "timeout": 2.0,
+        },
     }
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)
@@ -594,8 +645,9 @@ def default_config(port: int, access_log: Path, connect_ports, **overrides) -> d
 
 
 class ProxyLauncher:
-    def __init__(self, base: Path, ca_pem: Path, connect_ports):
+    def __init__(self, base: Path, ca_pem: Path, connect_ports, dns: DnsServer):
         self.base = base
+        self.dns = dns
         self.ca_pem = ca_pem
         self.connect_ports = list(connect_ports)
         self.started: list[ProxyProcess] = []
@@ -611,7 +663,7 @@ class ProxyLauncher:
         last_error = None
         for _attempt in range(3):  # the free port may be taken in between
             port = get_free_port()
-            config = default_config(port, workdir / "access.log", self.connect_ports, **overrides)
+            config = default_config(port, workdir / "access.log", self.connect_ports, self.dns, **overrides)
             try:
                 p = ProxyProcess(workdir, config, {"SSL_CERT_FILE": str(self.ca_pem)})
             except RuntimeError as e:
@@ -638,8 +690,8 @@ def session_connect_ports(origin, tls_origin, tcp_origin, closed_port):
 
 
 @pytest.fixture(scope="session")
-def _session_launcher(tmp_path_factory, ca_pem, session_connect_ports):
-    launcher = ProxyLauncher(tmp_path_factory.mktemp("proxy"), ca_pem, session_connect_ports)
+def _session_launcher(tmp_path_factory, ca_pem, session_connect_ports, dns_server):
+    launcher = ProxyLauncher(tmp_path_factory.mktemp("proxy"), ca_pem, session_connect_ports, dns_server)
     yield launcher
     problems = launcher.stop_all()
     assert not problems, problems
@@ -655,9 +707,9 @@ def proxy(_session_launcher) -> ProxyProcess:
 
 
 @pytest.fixture
-def proxy_factory(tmp_path, ca_pem, session_connect_ports):
+def proxy_factory(tmp_path, ca_pem, session_connect_ports, dns_server):
     """A function that starts a dedicated proxy (stopped after the test)."""
-    launcher = ProxyLauncher(tmp_path, ca_pem, session_connect_ports)
+    launcher = ProxyLauncher(tmp_path, ca_pem, session_connect_ports, dns_server)
     yield launcher
     problems = launcher.stop_all()
     assert not problems, problems

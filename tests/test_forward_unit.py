@@ -15,10 +15,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from mydataproxy.config import ForwardSettings, Settings, UpstreamSettings
-from mydataproxy.forward import ForwardProxy, headerProblem, requestLineProblem
-from mydataproxy.policy import ForwardPolicy
+from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, Settings, UpstreamSettings
+from mydataproxy.forward import ForwardProxy
+from mydataproxy.framing import headerProblem, requestLineProblem
+from mydataproxy.policy import ClientAccess, connectAllowed
 from mydataproxy.target import MISSING_TARGET_HOST
+from mydataproxy.resolver import Resolver
 from mydataproxy.upstream import UpstreamPool
 
 # ---------------------------------------------------------------------------
@@ -132,21 +134,17 @@ def test_headerControlCharacterInValue(ctl: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# ForwardPolicy
+# ClientAccess and CONNECT ports
 # ---------------------------------------------------------------------------
 
 
-def policy(*networks: str, ports=frozenset({443})) -> ForwardPolicy:
-    return ForwardPolicy(
-        ForwardSettings(
-            client_allow=tuple(ipaddress.ip_network(n) for n in networks), connect_ports=ports
-        )
-    )
+def policy(*networks: str) -> ClientAccess:
+    return ClientAccess(ForwardSettings(client_allow=tuple(ipaddress.ip_network(n) for n in networks)))
 
 
 @pytest.mark.parametrize("address", ["10.1.2.3", "::1", "2001:db8::5", "not an address", ""])
 def test_emptyAllowListAllowsEveryone(address: str) -> None:
-    decision = policy().clientAllowed(address)
+    decision = policy().allowed(address)
     assert decision.allowed
     assert decision.rule == "forward.client_allow is empty"
 
@@ -176,20 +174,20 @@ def test_emptyAllowListAllowsEveryone(address: str) -> None:
     ],
 )
 def test_clientAllowList(address: str, allowed: bool, rule: str) -> None:
-    decision = policy("10.1.0.0/16", "192.168.7.7/32", "fd00:1::/32").clientAllowed(address)
+    decision = policy("10.1.0.0/16", "192.168.7.7/32", "fd00:1::/32").allowed(address)
     assert (decision.allowed, decision.rule) == (allowed, rule)
 
 
 def test_ipv4ClientAgainstIPv6OnlyListAndViceVersa() -> None:
-    assert not policy("::/0").clientAllowed("10.0.0.1").allowed
-    assert policy("::/0").clientAllowed("2001:db8::1").allowed
-    assert not policy("0.0.0.0/0").clientAllowed("2001:db8::1").allowed
-    assert policy("0.0.0.0/0").clientAllowed("10.0.0.1").allowed
-    assert policy("0.0.0.0/0").clientAllowed("::ffff:10.0.0.1").allowed
+    assert not policy("::/0").allowed("10.0.0.1").allowed
+    assert policy("::/0").allowed("2001:db8::1").allowed
+    assert not policy("0.0.0.0/0").allowed("2001:db8::1").allowed
+    assert policy("0.0.0.0/0").allowed("10.0.0.1").allowed
+    assert policy("0.0.0.0/0").allowed("::ffff:10.0.0.1").allowed
 
 
 def test_firstMatchingNetworkNamedInRule() -> None:
-    decision = policy("10.0.0.0/8", "10.1.0.0/16").clientAllowed("10.1.2.3")
+    decision = policy("10.0.0.0/8", "10.1.0.0/16").allowed("10.1.2.3")
     assert decision.rule == "forward.client_allow 10.0.0.0/8"
 
 
@@ -204,15 +202,14 @@ def test_firstMatchingNetworkNamedInRule() -> None:
     ],
 )
 def test_connectPorts(ports, port: int, allowed: bool) -> None:
-    decision = policy(ports=ports).connectAllowed(port)
+    decision = connectAllowed(ForwardSettings(connect_ports=ports), port)
     assert decision.allowed is allowed
     assert decision.rule == (f"forward.connect_ports {port}" if allowed else "forward.connect_ports")
 
 
 def test_defaultConnectPortsIs443Only() -> None:
-    p = ForwardPolicy(ForwardSettings())
-    assert p.connectAllowed(443).allowed
-    assert not p.connectAllowed(80).allowed
+    assert connectAllowed(ForwardSettings(), 443).allowed
+    assert not connectAllowed(ForwardSettings(), 80).allowed
 
 
 # ---------------------------------------------------------------------------
@@ -230,8 +227,13 @@ class AccessRecorder:
         self.records.append(kw)
 
 
+LOOPBACK_ALLOWED = EgressSettings(
+    rules=(EgressRule("egress.rules[0] test origins", "allow", networks=(ipaddress.ip_network("127.0.0.0/8"),)),)
+)
+
+
 def settingsWith(**forward) -> Settings:
-    base = Settings()
+    base = Settings(egress=LOOPBACK_ALLOWED)
     return dataclasses.replace(base, forward=dataclasses.replace(base.forward, **forward))
 
 
@@ -242,7 +244,10 @@ class Client:
         self.reactor = MemoryReactorClock()
         self.pool = UpstreamPool(self.reactor, UpstreamSettings())
         self.accessLog = AccessRecorder()
-        self.proxy = ForwardProxy(settings or Settings(), self.pool, self.accessLog, self.reactor)
+        settings = settings or Settings(egress=LOOPBACK_ALLOWED)
+        self.proxy = ForwardProxy(
+            settings, self.pool, Resolver(self.reactor, settings.resolver), self.accessLog, self.reactor
+        )
         self.channel = self.proxy.buildProtocol(None)
         # Keep the idle timeout on the fake clock, off the global reactor.
         self.channel.callLater = self.reactor.callLater
@@ -526,3 +531,14 @@ def test_clientGoneMidResponseIsLoggedAndClosesTheOrigin() -> None:
     assert (record["status"], record["bytesOut"], record["upstream"]) == (200, 10, "127.0.0.1:8080")
     assert origin.disconnecting, "a half-read response must not go back to the pool"
     assert c.pool.openConnections == 1  # until the origin socket is really gone
+
+
+def test_loopbackOriginIsRefusedByTheGuardWithoutARule() -> None:
+    c = Client(Settings())
+    c.send(b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    [(statusLine, _, body)] = c.responses()
+    assert statusLine.startswith(b"HTTP/1.1 403")
+    assert body == b"destination not allowed\n"
+    assert c.reactor.tcpClients == []
+    [record] = c.accessLog.records
+    assert record["status"] == 403

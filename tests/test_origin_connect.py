@@ -1,15 +1,14 @@
-"""Unit tests of resolving and connecting to origins (in memory)."""
+"""Unit tests of connecting to origins (in memory)."""
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from mydataproxy.connect import connect, resolve
+from mydataproxy.connect import connect
 
 
 class Origin(Protocol):
@@ -20,54 +19,10 @@ class Origin(Protocol):
         self.ready.callback(self)
 
 
-class FakeResolver:
-    """An IHostnameResolver answering from a table."""
-
-    def __init__(self, table: dict[str, list]) -> None:
-        self.table = table
-        self.asked: list[str] = []
-
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-        self.asked.append(hostName)
-        receiver.resolutionBegan(None)
-        for address in self.table.get(hostName, []):
-            receiver.addressResolved(address)
-        receiver.resolutionComplete()
-
-
 def outcome(d: Deferred) -> list:
     results: list = []
     d.addBoth(results.append)
     return results
-
-
-def test_ipLiteralsAreNotLookedUp() -> None:
-    reactor = MemoryReactorClock()
-    reactor.nameResolver = FakeResolver({})
-    assert outcome(resolve(reactor, "10.0.0.1")) == [["10.0.0.1"]]
-    assert outcome(resolve(reactor, "::1")) == [["::1"]]
-    assert reactor.nameResolver.asked == []
-
-
-def test_namesResolveToDistinctAddressesInOrder() -> None:
-    reactor = MemoryReactorClock()
-    reactor.nameResolver = FakeResolver(
-        {
-            "origin.test": [
-                IPv6Address("TCP", "::1", 0),
-                IPv4Address("TCP", "127.0.0.1", 0),
-                IPv4Address("TCP", "127.0.0.1", 0),
-            ]
-        }
-    )
-    assert outcome(resolve(reactor, "origin.test")) == [["::1", "127.0.0.1"]]
-
-
-def test_unknownNameIsDNSLookupError() -> None:
-    reactor = MemoryReactorClock()
-    reactor.nameResolver = FakeResolver({})
-    [failure] = outcome(resolve(reactor, "nohost.invalid"))
-    assert isinstance(failure, Failure) and failure.check(DNSLookupError)
 
 
 def test_connectFallsBackToTheNextAddress() -> None:

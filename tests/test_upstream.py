@@ -19,7 +19,7 @@ from mydataproxy.upstream import (
     parseResponseHead,
 )
 
-ORIGIN = Destination("http", "127.0.0.1", 8080)
+ORIGIN = Destination("http", "127.0.0.1", 8080, ("127.0.0.1",))
 HEAD = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 
 
@@ -70,8 +70,8 @@ class Harness:
     def exchange(self, framing=BodyFraming.NONE, headOnly=False, head=HEAD):
         receiver = Recorder()
         client = ClientSocket()
-        exchange = UpstreamExchange(self.pool, ORIGIN, head, framing, headOnly, receiver, client)
-        exchange.start()
+        exchange = UpstreamExchange(self.pool, head, framing, headOnly, receiver, client)
+        exchange.start(ORIGIN)
         return exchange, receiver, client
 
     def connectPending(self) -> StringTransport:
@@ -319,9 +319,9 @@ def test_totalBoundEvictsAnIdleConnectionToAnotherDestination() -> None:
     t = h.connectPending()
     t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert first.finished and not t.disconnecting
-    other = Destination("http", "127.0.0.2", 8080)
+    other = Destination("http", "127.0.0.2", 8080, ("127.0.0.2",))
     receiver = Recorder()
-    UpstreamExchange(h.pool, other, HEAD, BodyFraming.NONE, False, receiver, ClientSocket()).start()
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, False, receiver, ClientSocket()).start(other)
     assert t.disconnecting, "the idle connection should make room"
     assert [c[:2] for c in h.reactor.tcpClients] == [("127.0.0.1", 8080), ("127.0.0.2", 8080)]
     assert h.pool.openConnections == 1
@@ -340,3 +340,35 @@ def test_readTimeoutStartsWhenTheRequestBodyIsComplete() -> None:
     exchange.finishBody()
     h.reactor.advance(5.1)
     assert r.failure is not None and r.failure.status == 504
+
+
+def test_bodyHeldBeforeStartIsSentAfterIt() -> None:
+    h = Harness()
+    receiver, client = Recorder(), ClientSocket()
+    exchange = UpstreamExchange(h.pool, HEAD, BodyFraming.LENGTH, False, receiver, client)
+    exchange.writeBody(b"early")
+    exchange.start(ORIGIN)
+    t = h.connectPending()
+    assert t.value() == HEAD + b"early"
+
+
+def test_abortBeforeStartLetsAHeldBackClientGo() -> None:
+    h = Harness()
+    receiver, client = Recorder(), ClientSocket()
+    exchange = UpstreamExchange(h.pool, HEAD, BodyFraming.LENGTH, False, receiver, client)
+    exchange.writeBody(b"x" * 70000)
+    assert client.paused
+    exchange.abort()
+    assert not client.paused, "a refused request's body must be read (and dropped), not left paused"
+    exchange.writeBody(b"more")
+    assert h.reactor.tcpClients == []
+
+
+def test_fullQueueIs503WithRetryAfter() -> None:
+    h = Harness(max_connections_per_destination=1, queue_per_destination=1)
+    h.exchange()
+    h.exchange()
+    _, third, _ = h.exchange()
+    assert third.failure is not None and third.failure.status == 503
+    assert third.failure.retryAfter == 1
+    assert (h.pool.queued, h.pool.rejected) == (1, 1)
