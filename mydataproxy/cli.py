@@ -22,6 +22,23 @@ def checkConfig(path: str) -> int:
     print(f"  forward.listen        {forward.listen}")
     print(f"  forward.client_allow  {', '.join(map(str, forward.client_allow)) or '(everyone)'}")
     print(f"  forward.connect_ports {', '.join(map(str, sorted(forward.connect_ports)))}")
+    print(f"  forward.auth_file     {forward.auth_file or '(no authentication)'}")
+    egress = settings.egress
+    print(f"  egress.guard          {'on' if egress.guard else 'OFF: private and metadata addresses reachable'}")
+    for rule in egress.rules:
+        conditions = [
+            f"{name}={','.join(sorted(map(str, values)))}"
+            for name, values in (
+                ("hosts", rule.hosts),
+                ("networks", rule.networks),
+                ("ports", rule.ports),
+                ("modes", rule.modes),
+                ("users", rule.users),
+            )
+            if values
+        ]
+        print(f"  {rule.name}: {rule.action} {' '.join(conditions) or '(everything)'}")
+    print(f"  egress.default        {egress.default}")
     print(f"  logging.access_log    {settings.logging.access_log}")
     return 0
 

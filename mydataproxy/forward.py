@@ -172,16 +172,21 @@ class ForwardProxy(Factory):
             addresses, or failing with a L{Refusal} (403) or a resolution
             error.
         """
+        return self.resolver.resolve(target.destination.host).addCallback(self.decide, target, user)
+
+    def decide(self, addresses: list[str], target: Target, user: str | None) -> Destination:
+        """
+        The L{Destination} for C{target} with the C{addresses} the egress
+        policy lets it use.
+
+        @raise Refusal: 403 when it may use none of them.
+        """
         destination = target.destination
         request = PolicyRequest(target.mode.value, destination.host, destination.port, user)
-
-        def decide(addresses: list[str]) -> Destination:
-            allowed, decision = self.egress.decide(request, addresses)
-            if not allowed:
-                raise Refusal(403, "destination not allowed", decision.rule)
-            return replace(destination, addresses=tuple(allowed))
-
-        return self.resolver.resolve(destination.host).addCallback(decide)
+        allowed, decision = self.egress.decide(request, addresses)
+        if not allowed:
+            raise Refusal(403, "destination not allowed", decision.rule)
+        return replace(destination, addresses=tuple(allowed))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -489,7 +494,8 @@ class ForwardRequest(http.Request):
     def gotLength(self, length: int | None) -> None:
         """The head is complete: route the request and start relaying."""
         self._hasBody = length != 0
-        limit = self.proxy.limits.max_body_bytes
+        proxy = self.proxy
+        limit = proxy.limits.max_body_bytes
         try:
             self._admitClient()
             self.target = parseTarget(
@@ -515,7 +521,17 @@ class ForwardRequest(http.Request):
             receiver=self,
             bodyProducer=_ClientBodyThrottle(self.transport),
         )
-        self.proxy.admit(self.credentials(), self.target).addCallbacks(self._routed, self._routeFailed)
+        known = proxy.resolver.known(self.target.destination.host)
+        if known is not None and proxy.htpasswd is None:
+            # The common case, decided on the spot: no Deferred round trip.
+            try:
+                destination = proxy.decide(known, self.target, None)
+            except Refusal as refusal:
+                self._routeFailed(Failure(refusal))
+            else:
+                self._routed(destination)
+            return
+        proxy.admit(self.credentials(), self.target).addCallbacks(self._routed, self._routeFailed)
 
     def _routed(self, destination: Destination) -> None:
         if self._exchange is not None and not self._clientGone:

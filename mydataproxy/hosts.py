@@ -11,6 +11,7 @@ a connection really reaches rather than how a client chose to spell it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -34,6 +35,7 @@ def _legacyIPv4(parts: list[str]) -> str:
     return str(ipaddress.IPv4Address(value))
 
 
+@functools.lru_cache(maxsize=4096)
 def normaliseHost(host: str) -> str:
     """
     The canonical text of C{host} (without brackets for IPv6).

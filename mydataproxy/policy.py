@@ -9,6 +9,7 @@ addresses that were allowed, and the connection is made to exactly those
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Sequence
@@ -106,6 +107,8 @@ class EgressPolicy:
         self._rules = settings.rules
         self._default = settings.default
         self._guard = settings.guard
+        # Decisions depend only on their inputs and the (frozen) settings.
+        self.decideAddress = functools.lru_cache(maxsize=8192)(self.decideAddress)
 
     def _firstMatch(self, request: Request, address: IPAddress) -> EgressRule | None:
         for rule in self._rules:

@@ -49,6 +49,16 @@ class Resolver:
         self._cache: dict[str, tuple[float, list[str]]] = {}
         self._pending: dict[str, list[defer.Deferred]] = {}
 
+    def known(self, host: str) -> list[str] | None:
+        """The addresses of C{host} if known without asking (an IP literal or
+        a fresh cache entry), else L{None}."""
+        if isIPAddress(host) or isIPv6Address(host):
+            return [host]
+        cached = self._cache.get(host)
+        if cached is not None and cached[0] > self._clock.seconds():
+            return cached[1]
+        return None
+
     def resolve(self, host: str) -> defer.Deferred:
         """
         The addresses of C{host} (an IP literal is its own answer).
@@ -57,13 +67,9 @@ class Resolver:
             or failing with L{error.DNSLookupError} (L{ResolutionTimeout}
             when no server answered in time).
         """
-        if isIPAddress(host) or isIPv6Address(host):
-            return defer.succeed([host])
-        cached = self._cache.get(host)
-        if cached is not None:
-            if cached[0] > self._clock.seconds():
-                return defer.succeed(cached[1])
-            del self._cache[host]
+        addresses = self.known(host)
+        if addresses is not None:
+            return defer.succeed(addresses)
         waiting = self._pending.get(host)
         d: defer.Deferred = defer.Deferred()
         if waiting is not None:
