@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from mydataproxy import config
 
@@ -43,14 +45,135 @@ def checkConfig(path: str) -> int:
     return 0
 
 
+#: Where C{keystore} commands find the store password when no C{--password}
+#: is given (the variable's value is the password itself).
+PASSWORD_VARIABLE = "MYDATAPROXY_KEYSTORE_PASSWORD"
+
+#: Certificates expiring in fewer days than this are flagged by C{keystore show}.
+EXPIRY_WARNING_DAYS = 30
+
+
+def _openKeyStore(arguments: argparse.Namespace):
+    """
+    Load the store named on the command line, with the passwords it names.
+
+    @return: the L{keystore.KeyStore}.
+    @raise keystore.KeyStoreError: a password or the store cannot be read.
+    """
+    from mydataproxy import keystore
+
+    if arguments.password is not None:
+        password = keystore.resolvePassword(arguments.password)
+    else:
+        password = os.environ.get(PASSWORD_VARIABLE)
+    keyPassword = None
+    if arguments.key_password is not None:
+        keyPassword = keystore.resolvePassword(arguments.key_password)
+    return keystore.loadKeyStore(arguments.store, password, keyPassword)
+
+
+def _printCertificate(label: str, cert, indent: str) -> None:
+    from mydataproxy import keystore
+
+    facts = keystore.describe(cert)
+    days = facts["daysToExpiry"]
+    if days < 0:
+        expiry = f"EXPIRED {-days} days ago  WARNING"
+    elif days < EXPIRY_WARNING_DAYS:
+        expiry = f"{days} days  WARNING: expires in under {EXPIRY_WARNING_DAYS} days"
+    else:
+        expiry = f"{days} days"
+    print(f"{indent}{label}subject:      {facts['subject']}")
+    pad = indent + " " * len(label)
+    print(f"{pad}issuer:       {facts['issuer']}")
+    print(f"{pad}SANs:         {', '.join(facts['sans']) or '(none)'}")
+    print(f"{pad}serialNumber: {facts['serialNumber'] or '(none)'}")
+    print(f"{pad}serial:       {facts['serial']}")
+    print(f"{pad}SHA-256:      {facts['fingerprint']}")
+    print(f"{pad}not after:    {facts['notAfter']:%Y-%m-%d %H:%M:%S} UTC")
+    print(f"{pad}expires in:   {expiry}")
+
+
+def keystoreShow(arguments: argparse.Namespace) -> int:
+    """C{mydataproxy keystore show}: list a store's entries."""
+    from mydataproxy import keystore
+
+    try:
+        store = _openKeyStore(arguments)
+    except keystore.KeyStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{store.source}: {store.format}, {len(store.keys)} private-key "
+        f"{'entry' if len(store.keys) == 1 else 'entries'}, {len(store.trusted)} trusted "
+        f"{'certificate' if len(store.trusted) == 1 else 'certificates'}"
+    )
+    for entry in store.keys:
+        print(f"alias {entry.alias}: private key ({keystore.keyDescription(entry.key)}), "
+              f"chain of {len(entry.chain)}")
+        for index, cert in enumerate(entry.chain):
+            _printCertificate(f"[{index}] ", cert, "  ")
+    for alias, cert in store.trusted:
+        print(f"alias {alias}: trusted certificate")
+        _printCertificate("", cert, "  ")
+    return 0
+
+
+def keystoreConvert(arguments: argparse.Namespace) -> int:
+    """C{mydataproxy keystore convert}: write a store's key and certificates as PEM."""
+    from mydataproxy import keystore
+
+    try:
+        store = _openKeyStore(arguments)
+        written = keystore.writePem(store, Path(arguments.out), arguments.alias, force=arguments.force)
+    except keystore.KeyStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _addKeystoreCommands(commands) -> None:
+    keystoreParser = commands.add_parser(
+        "keystore",
+        help="read Java key stores (JKS, JCEKS), PKCS#12 and PEM",
+        description="Read a key store (JKS, JCEKS, PKCS#12, PEM; recognised by content).",
+    )
+    actions = keystoreParser.add_subparsers(dest="action", required=True)
+    passwordHelp = (
+        "store password: env:NAME (environment variable), file:PATH (first line of a file), "
+        f"pass:TEXT or TEXT (literal: visible to other users in the process list); "
+        f"default: ${PASSWORD_VARIABLE}, else none"
+    )
+    keyPasswordHelp = "private key password, as --password (default: the store password)"
+    show = actions.add_parser("show", help="list the entries of a key store")
+    convert = actions.add_parser(
+        "convert", help="write the key, chain and trusted certificates as PEM (key.pem 0600, chain.pem, root.pem, ca.pem)"
+    )
+    for sub in (show, convert):
+        sub.add_argument("store", help="the key store file")
+        sub.add_argument("--password", metavar="SPEC", help=passwordHelp)
+        sub.add_argument("--key-password", metavar="SPEC", help=keyPasswordHelp)
+    convert.add_argument("--out", required=True, metavar="DIR", help="directory to write to")
+    convert.add_argument("--alias", help="the private-key entry to write (needed when there are several)")
+    convert.add_argument("--force", action="store_true", help="replace existing files")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mydataproxy", description="MyData Proxy tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", help="TOML config, or the Java product's application.properties")
+    _addKeystoreCommands(commands)
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
+    if arguments.command == "keystore":
+        if arguments.action == "show":
+            return keystoreShow(arguments)
+        if arguments.action == "convert":
+            return keystoreConvert(arguments)
     return 2
 
 
