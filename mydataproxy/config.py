@@ -46,6 +46,62 @@ class ConfigError(Exception):
         return f"{where}: {self.problem}"
 
 
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+CLIENT_AUTH = ("none", "want", "need")
+PRESETS = ("mydata",)
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """
+    A key or trust store in any format (JKS, JCEKS, PKCS#12, PEM).
+
+    @ivar password: As configured: literal, C{env:NAME} or C{file:PATH};
+        resolved whenever the store is (re)loaded.
+    """
+
+    path: str
+    password: str = ""
+    key_password: str = ""
+    alias: str = ""
+
+
+@dataclass(frozen=True)
+class ServerTLSSettings:
+    """TLS on a listener: our certificate, and how clients must prove theirs."""
+
+    key_store: StoreRef
+    trust_store: StoreRef | None = None
+    client_auth: str = "none"
+    min_version: str = "TLSv1.2"
+    ciphers: str = ""
+
+
+@dataclass(frozen=True)
+class OriginTLSProfile:
+    """
+    How to speak TLS to origins: the default (C{upstream.tls}), or a profile
+    for the destinations its C{hosts} patterns match.
+
+    @ivar trust_store: L{None}: the system trust store.
+    @ivar pins: SHA-256 certificate fingerprints (upper-case hex with
+        colons); when given, the origin's certificate must be one of them.
+    @ivar serial_number: When given, the origin certificate's subject
+        serialNumber (the MyData business registration number) must match.
+    """
+
+    name: str = "upstream.tls"
+    hosts: tuple[str, ...] = ()
+    key_store: StoreRef | None = None
+    trust_store: StoreRef | None = None
+    verify: bool = True
+    min_version: str = "TLSv1.2"
+    max_version: str = "TLSv1.3"
+    ciphers: str = ""
+    pins: tuple[str, ...] = ()
+    serial_number: str = ""
+
+
 @dataclass(frozen=True)
 class ForwardSettings:
     """The forward-proxy listener (absolute-form, x-target-host and CONNECT)."""
@@ -58,6 +114,7 @@ class ForwardSettings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     auth_file: str = ""
     auth_realm: str = "MyData Proxy"
+    tls: ServerTLSSettings | None = None
 
 
 MODES = ("absolute", "header", "connect")
@@ -135,6 +192,8 @@ class UpstreamSettings:
     max_connections_per_destination: int = 200
     max_connections_total: int = 500
     queue_per_destination: int = 1000
+    tls: OriginTLSProfile = field(default_factory=OriginTLSProfile)
+    tls_profiles: tuple[OriginTLSProfile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -301,6 +360,8 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
             values[key] = check.number(dotted, value, 0.001, integer=False)
         elif key == "auth_file":
             values[key] = resolvePath(check.string(dotted, value), base)
+        elif key == "tls":
+            values[key] = _serverTLS(check, value, base)
         elif key == "auth_realm":
             realm = check.string(dotted, value)
             if not realm.isprintable():
@@ -309,6 +370,112 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def _store(check: _Checker, prefix: str, table: Mapping[str, Any], kind: str, base: Path) -> StoreRef | None:
+    """The C{key_store}/C{trust_store} reference in C{table}, if any."""
+    path = table.get(kind)
+    if path is None:
+        for suffix in ("_password",) + (("key_password", "key_alias") if kind == "key_store" else ()):
+            key = suffix if suffix.startswith("key_") else kind + suffix
+            if key in table:
+                raise check.error(f"{prefix}.{key}", f"given without {prefix}.{kind}")
+        return None
+    path = resolvePath(check.string(f"{prefix}.{kind}", path), base)
+    ref = StoreRef(path, password=table.get(f"{kind}_password", ""))
+    if kind == "key_store":
+        ref = replace(ref, key_password=table.get("key_password", ""), alias=table.get("key_alias", ""))
+    for key in ("password", "key_password", "alias"):
+        if not isinstance(getattr(ref, key), str):
+            raise check.error(f"{prefix}.{kind}_{key}", "must be a string")
+    return ref
+
+
+_STORE_KEYS = {
+    "key_store", "key_store_password", "key_password", "key_alias", "trust_store", "trust_store_password"
+}
+
+
+def _serverTLS(check: _Checker, table: Any, base: Path) -> ServerTLSSettings:
+    prefix = "forward.tls"
+    if not isinstance(table, dict):
+        raise check.error(prefix, "must be a table ([forward.tls])")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key == "client_auth":
+            values[key] = check.choice(dotted, value, CLIENT_AUTH)
+        elif key == "min_version":
+            values[key] = check.choice(dotted, value, TLS_VERSIONS)
+        elif key == "ciphers":
+            values[key] = check.string(dotted, value)
+        elif key not in _STORE_KEYS:
+            raise check.error(dotted, "unknown key")
+    keyStore = _store(check, prefix, table, "key_store", base)
+    if keyStore is None:
+        raise check.error(prefix, "needs key_store (our certificate and key)")
+    trustStore = _store(check, prefix, table, "trust_store", base)
+    if values.get("client_auth", "none") != "none" and trustStore is None:
+        raise check.error(f"{prefix}.client_auth", "needs trust_store (the CAs client certificates must come from)")
+    return ServerTLSSettings(keyStore, trustStore, **values)
+
+
+def _originTLS(check: _Checker, prefix: str, table: Any, base: Path, default: OriginTLSProfile) -> OriginTLSProfile:
+    if not isinstance(table, dict):
+        raise check.error(prefix, "must be a table")
+    values: dict[str, Any] = {}
+    preset = None
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key == "name" and prefix != "upstream.tls":
+            values[key] = f"{prefix} {check.string(dotted, value)}"
+        elif key == "hosts" and prefix != "upstream.tls":
+            hosts = []
+            for host in check.stringList(dotted, value):
+                wildcard = host.startswith("*.")
+                try:
+                    name = normaliseHost(host[2:] if wildcard else host)
+                except ValueError as e:
+                    raise check.error(dotted, f"{host!r}: {e}") from None
+                hosts.append("*." + name if wildcard else name)
+            values[key] = tuple(hosts)
+        elif key == "preset":
+            preset = check.choice(dotted, value, PRESETS)
+        elif key == "verify":
+            if not isinstance(value, bool):
+                raise check.error(dotted, f"must be true or false, not {value!r}")
+            values[key] = value
+        elif key in ("min_version", "max_version"):
+            values[key] = check.choice(dotted, value, TLS_VERSIONS)
+        elif key in ("ciphers", "serial_number"):
+            values[key] = check.string(dotted, value)
+        elif key == "pins":
+            pins = []
+            for pin in check.stringList(dotted, value):
+                hexDigits = pin.replace(":", "").upper()
+                if len(hexDigits) != 64 or any(c not in "0123456789ABCDEF" for c in hexDigits):
+                    raise check.error(dotted, f"{pin!r} is not a SHA-256 fingerprint")
+                pins.append(":".join(hexDigits[i : i + 2] for i in range(0, 64, 2)))
+            values[key] = tuple(pins)
+        elif key not in _STORE_KEYS:
+            raise check.error(dotted, "unknown key")
+    for kind in ("key_store", "trust_store"):
+        ref = _store(check, prefix, table, kind, base)
+        if ref is not None:
+            values[kind] = ref
+    if prefix != "upstream.tls":
+        values.setdefault("name", prefix)
+        if not values.get("hosts"):
+            raise check.error(f"{prefix}.hosts", "a profile needs the host patterns it applies to")
+    profile = replace(default, **values)
+    if preset == "mydata":
+        # The MyData standard: TLS 1.3 only, and mutual TLS on every connection.
+        profile = replace(profile, min_version="TLSv1.3", max_version="TLSv1.3")
+        if profile.key_store is None:
+            raise check.error(f"{prefix}.preset", "mydata needs key_store (the client certificate)")
+    if TLS_VERSIONS.index(profile.min_version) > TLS_VERSIONS.index(profile.max_version):
+        raise check.error(f"{prefix}.min_version", "is above max_version")
+    return profile
 
 
 def _rule(check: _Checker, index: int, table: Any) -> EgressRule:
@@ -419,7 +586,7 @@ def _limits(check: _Checker, table: Mapping[str, Any]) -> LimitSettings:
     return replace(LimitSettings(), **values)
 
 
-def _upstream(check: _Checker, table: Mapping[str, Any]) -> UpstreamSettings:
+def _upstream(check: _Checker, table: Mapping[str, Any], base: Path) -> UpstreamSettings:
     defaults = UpstreamSettings()
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -428,6 +595,21 @@ def _upstream(check: _Checker, table: Mapping[str, Any]) -> UpstreamSettings:
             values[key] = check.number(dotted, value, 0.001, integer=False)
         elif key in ("max_connections_per_destination", "max_connections_total", "queue_per_destination"):
             values[key] = check.number(dotted, value, 1, integer=True)
+        elif key == "tls":
+            if not isinstance(value, dict):
+                raise check.error(dotted, "must be a table ([upstream.tls])")
+            profiles = value.get("profiles", [])
+            if not isinstance(profiles, list):
+                raise check.error(f"{dotted}.profiles", "must be an array of tables ([[upstream.tls.profiles]])")
+            default = _originTLS(
+                check, dotted, {k: v for k, v in value.items() if k != "profiles"}, base, OriginTLSProfile()
+            )
+            values["tls"] = default
+            # Profiles start from the default's settings (trust store, versions).
+            values["tls_profiles"] = tuple(
+                _originTLS(check, f"{dotted}.profiles[{i}]", p, base, replace(default, name="", pins=(), serial_number=""))
+                for i, p in enumerate(profiles)
+            )
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
@@ -480,7 +662,7 @@ def settingsFromMapping(
         elif name == "limits":
             sections[name] = _limits(check, table)
         elif name == "upstream":
-            sections[name] = _upstream(check, table)
+            sections[name] = _upstream(check, table, base)
         elif name == "logging":
             sections[name] = _logging(check, table, base)
         else:
@@ -507,6 +689,17 @@ def validate(settings: Settings, check: _Checker) -> None:
             Htpasswd.load(settings.forward.auth_file)
         except (HtpasswdError, OSError) as e:
             raise check.error("forward.auth_file", str(e)) from None
+    from mydataproxy.tls import OriginTLS, TLSConfigError, buildServerContext
+
+    if settings.forward.tls is not None:
+        try:
+            buildServerContext(settings.forward.tls)
+        except TLSConfigError as e:
+            raise check.error("forward.tls", str(e)) from None
+    try:
+        OriginTLS(settings.upstream.tls, settings.upstream.tls_profiles)
+    except TLSConfigError as e:
+        raise check.error("upstream.tls", str(e)) from None
     users = {user for rule in settings.egress.rules for user in rule.users}
     if users and not settings.forward.auth_file:
         raise check.error("egress.rules", "rules name users, but forward.auth_file is not set")

@@ -17,6 +17,7 @@ resolution (502, 504) and the egress policy on the resolved addresses (403).
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 
@@ -39,12 +40,15 @@ from mydataproxy.limits import ConnectionCounter, RateLimiter
 from mydataproxy.logs import AccessLog
 from mydataproxy.policy import ClientAccess, EgressPolicy, Request as PolicyRequest, connectAllowed
 from mydataproxy.resolver import Resolver
-from mydataproxy.target import Refusal, Target, parseTarget
+from mydataproxy.target import Mode, Refusal, Target, parseTarget
 from mydataproxy.tunnel import Tunnel
 from mydataproxy.upstream import BodyFraming, Destination, UpstreamError, UpstreamExchange, UpstreamPool
 
 txaio.use_twisted()
 log = txaio.make_logger()
+
+# Credentials in a request target are never logged.
+_USERINFO = re.compile(rb"//[^/?#@]*@")
 
 
 class RefusedConnection(Protocol):
@@ -157,11 +161,19 @@ class ForwardProxy(Factory):
 
     def admit(self, credentials: list[bytes] | None, target: Target) -> defer.Deferred:
         """
-        Authenticate, then route: the L{Destination} C{target} may use.
+        Authenticate, check a CONNECT port, then route: the L{Destination}
+        C{target} may use.
         """
-        if self.htpasswd is None:
-            return self.route(target, None)
-        return self.authenticate(credentials).addCallback(lambda user: self.route(target, user))
+
+        def authenticated(user: str | None) -> defer.Deferred:
+            port = target.destination.port
+            if target.mode is Mode.CONNECT:
+                decision = connectAllowed(self.settings.forward, port)
+                if not decision.allowed:
+                    raise Refusal(403, f"CONNECT to port {port} is not allowed", decision.rule)
+            return self.route(target, user)
+
+        return self.authenticate(credentials).addCallback(authenticated)
 
     def route(self, target: Target, user: str | None) -> defer.Deferred:
         """
@@ -242,6 +254,8 @@ class ForwardChannel(http.HTTPChannel):
             rule=f" ({rule})" if rule else "",
         )
         self._cancelHeadDeadline()
+        if self.requests:
+            self.requests[-1].setResponseCode(status)  # for its access line
         self.transport.write(plainResponse(status, reason, close=True))
         self.loseConnection()
 
@@ -250,8 +264,7 @@ class ForwardChannel(http.HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._awaitingRequestLine:
             if not line:
-                super().lineReceived(line)  # the one blank line tolerated between requests
-                return
+                return  # blank lines before a request are ignored (RFC 9112 2.2)
             self._headBytes, self._headFields = len(line) + 2, 0
             parts = line.split(b" ")
             if len(parts) == 3 and len(parts[1]) > self.limits.max_uri_bytes:
@@ -314,6 +327,15 @@ class ForwardChannel(http.HTTPChannel):
 
     # The deadline for a whole request head (slowloris).
 
+    def timeoutConnection(self) -> None:
+        peer = self.getPeer()
+        log.info(
+            "closing idle connection from {host}:{port} (forward.client_idle_timeout)",
+            host=getattr(peer, "host", peer),
+            port=getattr(peer, "port", ""),
+        )
+        super().timeoutConnection()
+
     def _armHeadDeadline(self) -> None:
         self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
 
@@ -355,6 +377,8 @@ class ForwardChannel(http.HTTPChannel):
             return
         super().rawDataReceived(data)
         if self.transport.disconnecting and self.requests and not self.requests[-1].bodyComplete:
+            # HTTPChannel's chunk decoder refused the body with a bare 400.
+            self.requests[-1].setResponseCode(400)
             log.info("400 from {client}: malformed chunked request body", client=self.clientAddress())
 
     def readConnectionLost(self) -> None:
@@ -467,13 +491,7 @@ class ForwardRequest(http.Request):
         """For CONNECT: where to, or why not (authentication comes next)."""
         try:
             self._admitClient()
-            target = parseTarget(self.method, self.uri, None)
-            decision = connectAllowed(self.proxy.settings.forward, target.destination.port)
-            if not decision.allowed:
-                raise Refusal(
-                    403, f"CONNECT to port {target.destination.port} is not allowed", decision.rule
-                )
-            return target
+            return parseTarget(self.method, self.uri, None)
         except Refusal as refusal:
             self._logRefusal(refusal)
             return refusal
@@ -483,7 +501,7 @@ class ForwardRequest(http.Request):
             "{status} {method} {uri} from {client}: {reason}{rule}",
             status=refusal.status,
             method=self.method.decode("ascii", "replace"),
-            uri=self.uri.decode("ascii", "replace"),
+            uri=_USERINFO.sub(b"//", self.uri).decode("ascii", "replace"),
             client=self.clientIP or self.channel.clientAddress(),
             reason=refusal.reason,
             rule=f" (refused by {refusal.rule})" if refusal.rule else "",
@@ -674,7 +692,7 @@ class ForwardRequest(http.Request):
         self.proxy.accessLog.record(
             client=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
             method=self.method.decode("ascii", "replace"),
-            target=self.target.display if self.target else self.uri.decode("ascii", "replace"),
+            target=self.target.display if self.target else _USERINFO.sub(b"//", self.uri).decode("ascii", "replace"),
             status=self.code,
             bytesIn=self.bytesIn,
             bytesOut=self.sentLength,

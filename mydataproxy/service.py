@@ -5,12 +5,15 @@ started and stopped together by twistd.
 
 from __future__ import annotations
 
+import signal
+
 import txaio
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from mydataproxy.auth import Htpasswd
@@ -18,6 +21,7 @@ from mydataproxy.config import Settings
 from mydataproxy.forward import ForwardProxy
 from mydataproxy.logs import AccessLog
 from mydataproxy.resolver import Resolver
+from mydataproxy.tls import OriginTLS, ServerTLS
 from mydataproxy.upstream import UpstreamPool
 
 txaio.use_twisted()
@@ -72,13 +76,31 @@ class ProxyService(MultiService):
     def __init__(self, settings: Settings, reactor) -> None:
         super().__init__()
         self.settings = settings
+        self.reactor = reactor
         self.accessLog = AccessLog(settings.logging.access_log, reactor)
-        self.pool = UpstreamPool(reactor, settings.upstream)
+        self.originTLS = OriginTLS(settings.upstream.tls, settings.upstream.tls_profiles)
+        self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS)
         htpasswd = Htpasswd.load(settings.forward.auth_file) if settings.forward.auth_file else None
-        forward = ForwardProxy(
+        forward: Factory = ForwardProxy(
             settings, self.pool, Resolver(reactor, settings.resolver), self.accessLog, reactor, htpasswd
         )
+        self.serverTLS = ServerTLS(settings.forward.tls) if settings.forward.tls else None
+        if self.serverTLS is not None:
+            forward = TLSMemoryBIOFactory(self.serverTLS, False, forward)
+            forward.noisy = False
         ListenerService("forward", settings.forward.listen, forward, reactor).setServiceParent(self)
+
+    def reloadTLS(self) -> None:
+        """Re-read every key and trust store (SIGHUP); failures keep the old."""
+        log.info("SIGHUP: reloading key and trust stores")
+        if self.serverTLS is not None:
+            self.serverTLS.reload()
+        self.originTLS.reload()
+
+    def startService(self) -> None:
+        super().startService()
+        # twistd leaves SIGHUP at its default, which kills the process.
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reloadTLS))
 
     def privilegedStartService(self) -> None:
         txaio.set_global_log_level(self.settings.logging.level)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import txaio
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -214,6 +214,10 @@ class Tunnel:
     def originReadClosed(self) -> None:
         self._originEOF = True
         self.client.unregisterProducer()
+        if ISSLTransport.providedBy(self.client):
+            # TLS to the client has no half-close: end it with close_notify.
+            self.client.loseConnection()
+            return
         self.client.loseWriteConnection()
         self._closeIfBothEnded()
 

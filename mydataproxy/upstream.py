@@ -21,8 +21,14 @@ from typing import Protocol as TypingProtocol
 
 import txaio
 from OpenSSL import SSL
-from twisted.internet import defer, error, ssl
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet import defer, error
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -31,6 +37,7 @@ from mydataproxy.config import UpstreamSettings
 from mydataproxy.connect import connect
 from mydataproxy.headers import HeaderList
 from mydataproxy.resolver import ResolutionTimeout
+from mydataproxy.tls import OriginTLS, TLSCheckFailed, describeHandshakeFailure
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -168,7 +175,7 @@ def parseResponseHead(head: bytes) -> tuple[bytes, int, bytes, HeaderList]:
     )
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class UpstreamConnection(Protocol):
     """
     One HTTP/1.1 connection to an origin, carrying one exchange at a time.
@@ -201,6 +208,12 @@ class UpstreamConnection(Protocol):
             # A body written after the head must not wait for a delayed ACK.
             self.transport.setTcpNoDelay(True)
         self.ready.callback(self)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: apply our own checks before any request byte is sent."""
+        problem = self.pool.originTLS.checkPeer(self.destination.host, self.transport.getHandle())
+        if problem is not None:
+            self.transport.failVerification(Failure(TLSCheckFailed(problem)))
 
     # Sending
 
@@ -384,8 +397,9 @@ class UpstreamConnection(Protocol):
 
     def _describeLoss(self, reason: Failure) -> UpstreamError:
         where = f"{self.destination.host}:{self.destination.port}"
-        if reason.check(SSL.Error):
-            return UpstreamError(502, f"TLS handshake with {where} failed: {_sslReason(reason.value)}")
+        if reason.check(SSL.Error, TLSCheckFailed):
+            what = describeHandshakeFailure(self.transport, reason)
+            return UpstreamError(502, f"TLS with {where} failed: {what}")
         if self._receivedAny:
             return UpstreamError(502, f"connection to {where} lost mid-response")
         retryable = self.reused and self._state is _State.HEAD
@@ -417,13 +431,6 @@ class UpstreamConnection(Protocol):
     def stopProducing(self) -> None:
         self.reusable = False
         self.transport.abortConnection()
-
-
-def _sslReason(exc: Exception) -> str:
-    details = exc.args[0] if exc.args else exc
-    if isinstance(details, list) and details:
-        return "; ".join(str(part[-1]) for part in details)
-    return str(details) or type(exc).__name__
 
 
 @implementer(IPushProducer)
@@ -642,7 +649,11 @@ class UpstreamExchange:
         seconds = self.pool.settings.read_timeout
         connection, self._connection = self._connection, None
         self._fail(
-            UpstreamError(504, f"{self.destination.host}:{self.destination.port} sent nothing for {seconds:g} s")
+            UpstreamError(
+                504,
+                f"{self.destination.host}:{self.destination.port} sent nothing for {seconds:g} s"
+                " (upstream.read_timeout)",
+            )
         )
         if connection is not None:
             connection.exchange = None
@@ -685,15 +696,15 @@ class UpstreamPool:
     (FIFO) up to C{pool_wait_timeout}, then fails with 503.
     """
 
-    def __init__(self, reactor, settings: UpstreamSettings) -> None:
+    def __init__(self, reactor, settings: UpstreamSettings, originTLS: OriginTLS) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.settings = settings
+        self.originTLS = originTLS
         self._idle: dict[Destination, list[UpstreamConnection]] = {}
         self._open: dict[Destination, int] = {}
         self._total = 0
         self._waiters: deque[_Waiter] = deque()
-        self._tlsByHost: dict[str, object] = {}
         self.rejected = 0
 
     @property
@@ -769,7 +780,7 @@ class UpstreamPool:
     def _connect(self, destination: Destination) -> defer.Deferred:
         self._open[destination] = self._open.get(destination, 0) + 1
         self._total += 1
-        tls = self._clientTLS(destination.host) if destination.scheme == "https" else None
+        tls = self.originTLS.creatorFor(destination.host) if destination.scheme == "https" else None
         d = connect(
             self.reactor,
             list(destination.addresses),
@@ -786,28 +797,19 @@ class UpstreamPool:
         d.addErrback(failed)
         return d
 
-    def _clientTLS(self, host: str):
-        # Building a context loads the trust store: do it once per host name.
-        creator = self._tlsByHost.get(host)
-        if creator is None:
-            if len(self._tlsByHost) >= 1024:
-                self._tlsByHost.clear()
-            creator = self._tlsByHost[host] = ssl.optionsForClientTLS(host)
-        return creator
-
     def describeConnectFailure(self, destination: Destination, failure: Failure) -> UpstreamError:
         """Turn a connect failure into what the client should be told."""
         where = f"{destination.host}:{destination.port}"
         if failure.check(UpstreamError):
             return failure.value
         if failure.check(ResolutionTimeout):
-            return UpstreamError(504, f"resolving {destination.host} timed out")
+            return UpstreamError(504, f"resolving {destination.host} timed out (resolver.timeout)")
         if failure.check(error.DNSLookupError):
             return UpstreamError(502, f"cannot resolve host {destination.host}")
         if failure.check(error.ConnectionRefusedError):
             return UpstreamError(502, f"connection refused by {where}")
         if failure.check(error.TimeoutError, defer.CancelledError):
-            return UpstreamError(504, f"connecting to {where} timed out")
+            return UpstreamError(504, f"connecting to {where} timed out (upstream.connect_timeout)")
         log.warn("connect to {where} failed: {f}", where=where, f=failure.getErrorMessage())
         return UpstreamError(502, f"cannot connect to {where}: {failure.getErrorMessage()}")
 

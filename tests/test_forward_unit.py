@@ -21,7 +21,11 @@ from mydataproxy.framing import headerProblem, requestLineProblem
 from mydataproxy.policy import ClientAccess, connectAllowed
 from mydataproxy.target import MISSING_TARGET_HOST
 from mydataproxy.resolver import Resolver
+from mydataproxy.config import OriginTLSProfile
+from mydataproxy.tls import OriginTLS
 from mydataproxy.upstream import UpstreamPool
+
+ORIGIN_TLS = OriginTLS(OriginTLSProfile(), ())
 
 # ---------------------------------------------------------------------------
 # requestLineProblem
@@ -242,7 +246,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, peer=None) -> None:
         self.reactor = MemoryReactorClock()
-        self.pool = UpstreamPool(self.reactor, UpstreamSettings())
+        self.pool = UpstreamPool(self.reactor, UpstreamSettings(), ORIGIN_TLS)
         self.accessLog = AccessRecorder()
         settings = settings or Settings(egress=LOOPBACK_ALLOWED)
         self.proxy = ForwardProxy(

@@ -9,6 +9,8 @@ from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from mydataproxy.config import UpstreamSettings
+from mydataproxy.config import OriginTLSProfile
+from mydataproxy.tls import OriginTLS
 from mydataproxy.upstream import (
     BodyFraming,
     Destination,
@@ -18,6 +20,8 @@ from mydataproxy.upstream import (
     UpstreamPool,
     parseResponseHead,
 )
+
+ORIGIN_TLS = OriginTLS(OriginTLSProfile(), ())
 
 ORIGIN = Destination("http", "127.0.0.1", 8080, ("127.0.0.1",))
 HEAD = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
@@ -64,7 +68,7 @@ class ClientSocket:
 class Harness:
     def __init__(self, **settings) -> None:
         self.reactor = MemoryReactorClock()
-        self.pool = UpstreamPool(self.reactor, UpstreamSettings(**settings))
+        self.pool = UpstreamPool(self.reactor, UpstreamSettings(**settings), ORIGIN_TLS)
         self.transports: list[StringTransport] = []
 
     def exchange(self, framing=BodyFraming.NONE, headOnly=False, head=HEAD):
