@@ -25,6 +25,10 @@ def checkConfig(path: str) -> int:
     print(f"  forward.client_allow  {', '.join(map(str, forward.client_allow)) or '(everyone)'}")
     print(f"  forward.connect_ports {', '.join(map(str, sorted(forward.connect_ports)))}")
     print(f"  forward.auth_file     {forward.auth_file or '(no authentication)'}")
+    if forward.tls is not None:
+        print(f"  forward.tls           {forward.tls.key_store.path}, client_auth={forward.tls.client_auth}")
+    for profile in (settings.upstream.tls, *settings.upstream.tls_profiles):
+        print(f"  {profile.name}: {_describeProfile(profile)}")
     egress = settings.egress
     print(f"  egress.guard          {'on' if egress.guard else 'OFF: private and metadata addresses reachable'}")
     for rule in egress.rules:
@@ -158,6 +162,22 @@ def _addKeystoreCommands(commands) -> None:
     convert.add_argument("--out", required=True, metavar="DIR", help="directory to write to")
     convert.add_argument("--alias", help="the private-key entry to write (needed when there are several)")
     convert.add_argument("--force", action="store_true", help="replace existing files")
+
+
+def _describeProfile(profile) -> str:
+    parts = [f"{profile.min_version}-{profile.max_version}"]
+    if profile.hosts:
+        parts.insert(0, "hosts=" + ",".join(profile.hosts))
+    parts.append(f"trust={profile.trust_store.path if profile.trust_store else 'system'}")
+    if profile.key_store:
+        parts.append(f"client certificate from {profile.key_store.path}")
+    if profile.pins:
+        parts.append(f"{len(profile.pins)} pin(s)")
+    if profile.serial_number:
+        parts.append(f"serialNumber={profile.serial_number}")
+    if not profile.verify:
+        parts.append("WARNING: verify=false, origin certificates are not checked")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

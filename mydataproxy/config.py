@@ -139,6 +139,7 @@ class EgressRule:
     ports: frozenset[int] = frozenset()
     modes: frozenset[str] = frozenset()
     users: frozenset[str] = frozenset()
+    client_certificates: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -506,6 +507,9 @@ def _rule(check: _Checker, index: int, table: Any) -> EgressRule:
         elif key == "modes":
             values[key] = frozenset(check.choice(dotted, m, MODES) for m in check.stringList(dotted, value))
         elif key == "users":
+            values[key] = frozenset(check.stringList(dotted, value))
+        elif key == "client_certificates":
+            # Subjects as RFC 4514 text, e.g. "CN=gateway,O=Example Bank".
             values[key] = frozenset(check.stringList(dotted, value))
         else:
             raise check.error(dotted, "unknown key")

@@ -40,6 +40,7 @@ from mydataproxy.limits import ConnectionCounter, RateLimiter
 from mydataproxy.logs import AccessLog
 from mydataproxy.policy import ClientAccess, EgressPolicy, Request as PolicyRequest, connectAllowed
 from mydataproxy.resolver import Resolver
+from mydataproxy.tls import clientSubject
 from mydataproxy.target import Mode, Refusal, Target, parseTarget
 from mydataproxy.tunnel import Tunnel
 from mydataproxy.upstream import BodyFraming, Destination, UpstreamError, UpstreamExchange, UpstreamPool
@@ -159,10 +160,12 @@ class ForwardProxy(Factory):
             fields=[(b"Proxy-Authenticate", challenge(self.settings.forward.auth_realm))],
         )
 
-    def admit(self, credentials: list[bytes] | None, target: Target) -> defer.Deferred:
+    def admit(self, credentials: list[bytes] | None, target: Target, certificate: str) -> defer.Deferred:
         """
         Authenticate, check a CONNECT port, then route: the L{Destination}
         C{target} may use.
+
+        @param certificate: The client certificate's subject ('' if none).
         """
 
         def authenticated(user: str | None) -> defer.Deferred:
@@ -171,11 +174,11 @@ class ForwardProxy(Factory):
                 decision = connectAllowed(self.settings.forward, port)
                 if not decision.allowed:
                     raise Refusal(403, f"CONNECT to port {port} is not allowed", decision.rule)
-            return self.route(target, user)
+            return self.route(target, user, certificate)
 
         return self.authenticate(credentials).addCallback(authenticated)
 
-    def route(self, target: Target, user: str | None) -> defer.Deferred:
+    def route(self, target: Target, user: str | None, certificate: str) -> defer.Deferred:
         """
         Resolve C{target}'s host once and let the egress policy pick the
         addresses it may use.
@@ -184,9 +187,11 @@ class ForwardProxy(Factory):
             addresses, or failing with a L{Refusal} (403) or a resolution
             error.
         """
-        return self.resolver.resolve(target.destination.host).addCallback(self.decide, target, user)
+        return self.resolver.resolve(target.destination.host).addCallback(
+            self.decide, target, user, certificate
+        )
 
-    def decide(self, addresses: list[str], target: Target, user: str | None) -> Destination:
+    def decide(self, addresses: list[str], target: Target, user: str | None, certificate: str) -> Destination:
         """
         The L{Destination} for C{target} with the C{addresses} the egress
         policy lets it use.
@@ -194,7 +199,7 @@ class ForwardProxy(Factory):
         @raise Refusal: 403 when it may use none of them.
         """
         destination = target.destination
-        request = PolicyRequest(target.mode.value, destination.host, destination.port, user)
+        request = PolicyRequest(target.mode.value, destination.host, destination.port, user, certificate)
         allowed, decision = self.egress.decide(request, addresses)
         if not allowed:
             raise Refusal(403, "destination not allowed", decision.rule)
@@ -227,6 +232,7 @@ class ForwardChannel(http.HTTPChannel):
         self._headDeadline = None
         self._peer = None
         self._host = None
+        self._certificate: str | None = None
 
     def getPeer(self):
         # Asked for by every request; the answer never changes.
@@ -238,6 +244,12 @@ class ForwardChannel(http.HTTPChannel):
         if self._host is None:
             self._host = self.transport.getHost()
         return self._host
+
+    def clientCertificate(self) -> str:
+        """The subject of the client's verified TLS certificate, or ''."""
+        if self._certificate is None:
+            self._certificate = clientSubject(self.transport)
+        return self._certificate
 
     def clientAddress(self) -> str:
         """The socket peer's IP address as text."""
@@ -543,13 +555,15 @@ class ForwardRequest(http.Request):
         if known is not None and proxy.htpasswd is None:
             # The common case, decided on the spot: no Deferred round trip.
             try:
-                destination = proxy.decide(known, self.target, None)
+                destination = proxy.decide(known, self.target, None, self.channel.clientCertificate())
             except Refusal as refusal:
                 self._routeFailed(Failure(refusal))
             else:
                 self._routed(destination)
             return
-        proxy.admit(self.credentials(), self.target).addCallbacks(self._routed, self._routeFailed)
+        proxy.admit(self.credentials(), self.target, self.channel.clientCertificate()).addCallbacks(
+            self._routed, self._routeFailed
+        )
 
     def _routed(self, destination: Destination) -> None:
         if self._exchange is not None and not self._clientGone:
@@ -698,6 +712,7 @@ class ForwardRequest(http.Request):
             bytesOut=self.sentLength,
             seconds=time.monotonic() - self.started,
             upstream=self.upstreamAddress,
+            certificate=self.channel.clientCertificate(),
         )
 
     def connectionLost(self, reason: Failure) -> None:

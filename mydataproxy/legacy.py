@@ -19,9 +19,15 @@ from pathlib import Path
 from typing import Callable
 
 from mydataproxy.config import (
+    CLIENT_AUTH,
+    TLS_VERSIONS,
     ConfigError,
+    ForwardSettings,
     IPNetwork,
+    ServerTLSSettings,
     Settings,
+    StoreRef,
+    UpstreamSettings,
     parseNetwork,
     resolvePath,
 )
@@ -164,31 +170,25 @@ _MAPPED: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "logging.file.name": ("logging", "access_log", _path),
 }
 
-# Keys that must not be true: we cannot do what they ask.
-_REFUSED = {
-    "server.ssl.enabled": "TLS on the listener is not supported yet; refusing to "
-    "start rather than serve plaintext where TLS is expected (terminate TLS in "
-    "front of the proxy and set it to false)",
-    "proxy.ssl.client.enabled": "outbound mutual TLS is not supported yet; "
-    "refusing to start rather than connect without the client certificate",
+# TLS keys, gathered and mapped together once the whole file is read.
+_TLS = {
+    "server.ssl.enabled", "server.ssl.key-store", "server.ssl.key-store-password",
+    "server.ssl.key-password", "server.ssl.trust-store", "server.ssl.trust-store-password",
+    "server.ssl.client-auth", "proxy.ssl.client.enabled", "proxy.ssl.client.validateCertificate",
+    "proxy.ssl.client.tls-version",
 }
 
 _NOT_YET = "is not supported yet and is ignored"
 _NOTICED = {
     key: _NOT_YET
-    for key in (
-        "server.ssl.key-store", "server.ssl.key-store-password",
-        "server.ssl.key-password", "server.ssl.trust-store",
-        "server.ssl.trust-store-password", "server.ssl.client-auth",
-        "server.ssl.reloadShell", "proxy.ssl.client.validateCertificate",
-        "proxy.ssl.client.tls-version",
-        "proxy.httpclient.disableContentCompression", "logging.file.max-size",
-        "debug",
-    )
+    for key in ("proxy.httpclient.disableContentCompression", "logging.file.max-size", "debug")
 }
 _NOTICED["spring.application.name"] = "has no meaning here and is ignored"
+_NOTICED["server.ssl.reloadShell"] = (
+    "is not run: send SIGHUP to re-read the key and trust stores instead"
+)
 
-_KNOWN = [*_MAPPED, *_REFUSED, *_NOTICED, "logging.level.root"]
+_KNOWN = [*_MAPPED, *_TLS, *_NOTICED, "logging.level.root"]
 
 
 def _shown(key: str, value: str) -> str:
@@ -217,6 +217,7 @@ def loadProperties(path: Path) -> Settings:
         "listen": {}, "forward": {}, "upstream": {}, "logging": {}}
     lines: dict[str, int] = {}  # The line of each key's last (winning) entry.
     notices: list[str] = []
+    tls: dict[str, str] = {}
     for key, value, line in parseProperties(text, source):
         if key in lines:
             notices.append(f"{source}:{line}: {key} is set again (also at line "
@@ -227,9 +228,8 @@ def loadProperties(path: Path) -> Settings:
             if key in _MAPPED:
                 section, name, convert = _MAPPED[key]
                 values[section][name] = convert(value)
-            elif key in _REFUSED:
-                if _flag(value):
-                    raise ConfigError(source, key, _REFUSED[key], line)
+            elif key in _TLS:
+                tls[key] = value
             elif key in _NOTICED or key.startswith("logging.level."):
                 reason = _NOTICED.get(key, _NOT_YET)
                 notices.append(f"{source}:{line}: {key} {reason}")
@@ -255,14 +255,122 @@ def loadProperties(path: Path) -> Settings:
     logging = dict(values["logging"])
     if "access_log" in logging:
         logging["access_log"] = resolvePath(str(logging["access_log"]), path.parent)
+    upstream = replace(defaults.upstream, **values["upstream"])
+    forward, upstream = _mapTLS(source, path.parent, tls, lines, notices, forward, upstream)
     return replace(
         defaults,
         source=source,
         forward=forward,
-        upstream=replace(defaults.upstream, **values["upstream"]),
+        upstream=upstream,
         logging=replace(defaults.logging, **logging),
         notices=tuple(notices),
     )
+
+
+def _storePath(source: str, key: str, value: str, base: Path, lines: dict[str, int]) -> str:
+    """A Spring resource location (C{file:...} or a plain path) as a file path."""
+    if value.startswith("classpath:"):
+        raise ConfigError(source, key, "classpath: resources do not exist here; give a file path", lines[key])
+    return resolvePath(value.removeprefix("file:"), base)
+
+
+def _mapTLS(
+    source: str,
+    base: Path,
+    tls: dict[str, str],
+    lines: dict[str, int],
+    notices: list[str],
+    forward: ForwardSettings,
+    upstream: UpstreamSettings,
+) -> tuple[ForwardSettings, UpstreamSettings]:
+    """
+    The Java product's TLS keys on our model.  Its one key store was both the
+    listener's certificate and the client certificate for outbound mutual
+    TLS; its trust store both checked clients and verified origins.  Unlike
+    it, we keep sending the client certificate with validateCertificate=false.
+    """
+
+    def flag(key: str, default: bool) -> bool:
+        try:
+            return _flag(tls[key]) if key in tls else default
+        except ValueError as e:
+            raise ConfigError(source, key, f"{e}, not {tls[key]!r}", lines[key]) from None
+
+    def password(key: str) -> str:
+        # Java passwords are literal text, whatever they look like.
+        return "pass:" + tls[key] if tls.get(key) else ""
+
+    keyStore = trustStore = None
+    if tls.get("server.ssl.key-store"):
+        keyStore = StoreRef(
+            _storePath(source, "server.ssl.key-store", tls["server.ssl.key-store"], base, lines),
+            password("server.ssl.key-store-password"),
+            password("server.ssl.key-password"),
+        )
+    if tls.get("server.ssl.trust-store"):
+        trustStore = StoreRef(
+            _storePath(source, "server.ssl.trust-store", tls["server.ssl.trust-store"], base, lines),
+            password("server.ssl.trust-store-password"),
+        )
+    clientAuth = tls.get("server.ssl.client-auth", "none").strip().lower() or "none"
+    if clientAuth not in CLIENT_AUTH:
+        raise ConfigError(
+            source, "server.ssl.client-auth", f"must be need, want or none, not {clientAuth!r}",
+            lines["server.ssl.client-auth"],
+        )
+    if flag("server.ssl.enabled", False):
+        if keyStore is None:
+            raise ConfigError(source, "server.ssl.enabled", "needs server.ssl.key-store", lines["server.ssl.enabled"])
+        if clientAuth != "none" and trustStore is None:
+            raise ConfigError(
+                source, "server.ssl.client-auth", "needs server.ssl.trust-store", lines["server.ssl.client-auth"]
+            )
+        forward = replace(
+            forward,
+            tls=ServerTLSSettings(keyStore, trustStore if clientAuth != "none" else None, clientAuth),
+        )
+    profile = upstream.tls
+    if trustStore is not None:
+        profile = replace(profile, trust_store=trustStore)
+    if flag("proxy.ssl.client.enabled", False):
+        if keyStore is None:
+            raise ConfigError(
+                source, "proxy.ssl.client.enabled", "needs server.ssl.key-store (the client certificate)",
+                lines["proxy.ssl.client.enabled"],
+            )
+        profile = replace(profile, key_store=keyStore)
+    if not flag("proxy.ssl.client.validateCertificate", True):
+        profile = replace(profile, verify=False)
+        notices.append(
+            f"{source}:{lines['proxy.ssl.client.validateCertificate']}: proxy.ssl.client.validateCertificate=false:"
+            " origin certificates are NOT verified (the client certificate is still sent)"
+        )
+    if "proxy.ssl.client.tls-version" in tls:
+        key = "proxy.ssl.client.tls-version"
+        asked = [v.strip() for v in tls[key].split(",") if v.strip()]
+        versions = [v for v in TLS_VERSIONS if v in asked]
+        if not versions:
+            raise ConfigError(source, key, f"needs TLSv1.2 or TLSv1.3, not {tls[key]!r}", lines[key])
+        dropped = [v for v in asked if v not in TLS_VERSIONS]
+        if dropped:
+            notices.append(f"{source}:{lines[key]}: {key}: {', '.join(dropped)} not offered (too weak)")
+        profile = replace(profile, min_version=versions[0], max_version=versions[-1])
+    upstream = replace(upstream, tls=profile)
+    _checkTLS(source, forward, upstream, lines)
+    return forward, upstream
+
+
+def _checkTLS(source: str, forward: ForwardSettings, upstream: UpstreamSettings, lines: dict[str, int]) -> None:
+    """The stores must load now, with the key named that points at them."""
+    from mydataproxy.tls import OriginTLS, TLSConfigError, buildServerContext
+
+    try:
+        if forward.tls is not None:
+            buildServerContext(forward.tls)
+        OriginTLS(upstream.tls, upstream.tls_profiles)
+    except TLSConfigError as e:
+        key = next((k for k in ("server.ssl.key-store", "server.ssl.trust-store") if k in lines), None)
+        raise ConfigError(source, key, str(e), lines.get(key)) from None
 
 
 def _checkEndpoint(source: str, description: str, lines: dict[str, int]) -> None:

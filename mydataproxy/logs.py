@@ -88,12 +88,14 @@ class AccessLog:
         bytesOut: int,
         seconds: float,
         upstream: str,
+        certificate: str = "",
     ) -> None:
         """Gather one access line; never blocks."""
         line = (
             f"{self._timestamp()} client={client} method={method} target={_quoted(target)} "
             f"status={status} in={bytesIn} out={bytesOut} ms={seconds * 1000:.1f} "
-            f"upstream={upstream or '-'}\n"
+            f"upstream={upstream or '-'}"
+            + (f" cert={_quoted(certificate)}\n" if certificate else "\n")
         )
         self._batch.append(line)
         if len(self._batch) >= BATCH_LINES:

@@ -88,6 +88,7 @@ class Request:
     host: str
     port: int
     user: str | None = None
+    certificate: str = ""
 
 
 def _hostMatches(patterns: Sequence[str], host: str) -> bool:
@@ -117,6 +118,8 @@ class EgressPolicy:
             if rule.ports and request.port not in rule.ports:
                 continue
             if rule.users and request.user not in rule.users:
+                continue
+            if rule.client_certificates and request.certificate not in rule.client_certificates:
                 continue
             if rule.hosts and not _hostMatches(rule.hosts, request.host):
                 continue

@@ -103,7 +103,7 @@ class Tunnel:
             return
         self.proxy.tunnels.add(self)
         reactor = self.proxy.reactor
-        d = self.proxy.admit(self.credentials, self.target)
+        d = self.proxy.admit(self.credentials, self.target, self.channel.clientCertificate())
         d.addCallback(
             lambda destination: connect(
                 reactor,
@@ -202,6 +202,7 @@ class Tunnel:
             bytesOut=self.bytesOut,
             seconds=time.monotonic() - self.started,
             upstream=self.upstreamAddress,
+            certificate=self.channel.clientCertificate(),
         )
 
     # Origin to client
