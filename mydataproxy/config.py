@@ -315,6 +315,18 @@ class _Checker:
             raise self.error(dotted, f"port out of range in {value!r}")
         return frozenset(ports)
 
+    def hostPatterns(self, dotted: str, value: Any) -> tuple[str, ...]:
+        """Normalised host names and C{*.suffix} patterns."""
+        hosts = []
+        for host in self.stringList(dotted, value):
+            wildcard = host.startswith("*.")
+            try:
+                name = normaliseHost(host[2:] if wildcard else host)
+            except ValueError as e:
+                raise self.error(dotted, f"{host!r}: {e}") from None
+            hosts.append("*." + name if wildcard else name)
+        return tuple(hosts)
+
     def choice(self, dotted: str, value: Any, choices: tuple[str, ...]) -> str:
         if value not in choices:
             raise self.error(dotted, f"must be one of {', '.join(choices)}, not {value!r}")
@@ -431,15 +443,7 @@ def _originTLS(check: _Checker, prefix: str, table: Any, base: Path, default: Or
         if key == "name" and prefix != "upstream.tls":
             values[key] = f"{prefix} {check.string(dotted, value)}"
         elif key == "hosts" and prefix != "upstream.tls":
-            hosts = []
-            for host in check.stringList(dotted, value):
-                wildcard = host.startswith("*.")
-                try:
-                    name = normaliseHost(host[2:] if wildcard else host)
-                except ValueError as e:
-                    raise check.error(dotted, f"{host!r}: {e}") from None
-                hosts.append("*." + name if wildcard else name)
-            values[key] = tuple(hosts)
+            values[key] = check.hostPatterns(dotted, value)
         elif key == "preset":
             preset = check.choice(dotted, value, PRESETS)
         elif key == "verify":
@@ -491,15 +495,7 @@ def _rule(check: _Checker, index: int, table: Any) -> EgressRule:
         elif key == "action":
             values[key] = check.choice(dotted, value, ACTIONS)
         elif key == "hosts":
-            hosts = []
-            for host in check.stringList(dotted, value):
-                wildcard = host.startswith("*.")
-                try:
-                    name = normaliseHost(host[2:] if wildcard else host)
-                except ValueError as e:
-                    raise check.error(dotted, f"{host!r}: {e}") from None
-                hosts.append("*." + name if wildcard else name)
-            values[key] = tuple(hosts)
+            values[key] = check.hostPatterns(dotted, value)
         elif key == "networks":
             values[key] = check.networks(dotted, value)
         elif key == "ports":

@@ -64,3 +64,9 @@ def normaliseHost(host: str) -> str:
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
         raise ValueError("invalid host name")
     return host
+
+
+def hostMatches(patterns: tuple[str, ...], host: str) -> bool:
+    """Does normalised C{host} match one of C{patterns} (exact, or C{*.suffix}
+    for names below the suffix)?"""
+    return any(host.endswith(p[1:]) if p.startswith("*.") else host == p for p in patterns)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, IPNetwork
+from mydataproxy.hosts import hostMatches
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -91,16 +92,6 @@ class Request:
     certificate: str = ""
 
 
-def _hostMatches(patterns: Sequence[str], host: str) -> bool:
-    for pattern in patterns:
-        if pattern.startswith("*."):
-            if host.endswith(pattern[1:]):
-                return True
-        elif host == pattern:
-            return True
-    return False
-
-
 class EgressPolicy:
     """Destination rules, default and SSRF guard, decided per address."""
 
@@ -121,7 +112,7 @@ class EgressPolicy:
                 continue
             if rule.client_certificates and request.certificate not in rule.client_certificates:
                 continue
-            if rule.hosts and not _hostMatches(rule.hosts, request.host):
+            if rule.hosts and not hostMatches(rule.hosts, request.host):
                 continue
             if rule.networks and not any(address in n for n in rule.networks):
                 continue

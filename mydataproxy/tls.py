@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSS
 from zope.interface import implementer
 
 from mydataproxy.config import OriginTLSProfile, ServerTLSSettings, StoreRef
+from mydataproxy.hosts import hostMatches
 from mydataproxy.keystore import KeyStoreError, daysToExpiry, describe, fingerprint, loadKeyStore, resolvePassword
 
 txaio.use_twisted()
@@ -260,10 +261,6 @@ def _buildProfile(profile: OriginTLSProfile) -> tuple[_BuiltProfile, list[x509.C
     return _BuiltProfile(profile, context), list(identity.chain if identity else []) + trusted
 
 
-def _matches(patterns: tuple[str, ...], host: str) -> bool:
-    return any(host.endswith(p[1:]) if p.startswith("*.") else host == p for p in patterns)
-
-
 class OriginTLS:
     """
     Outbound TLS per destination: the first profile whose C{hosts} match,
@@ -296,7 +293,7 @@ class OriginTLS:
 
     def _builtFor(self, host: str) -> _BuiltProfile:
         for built in self._profiles:
-            if _matches(built.profile.hosts, host):
+            if hostMatches(built.profile.hosts, host):
                 return built
         return self._default
 

@@ -268,13 +268,7 @@ class UpstreamConnection(Protocol):
                 head, self._buffer = self._buffer[: end + 2], self._buffer[end + 4 :]
                 self._headReceived(*parseResponseHead(head))
             elif state is _State.LENGTH:
-                body, self._buffer = (
-                    self._buffer[: self._remaining],
-                    self._buffer[self._remaining :],
-                )
-                self._remaining -= len(body)
-                self.exchange.bodyReceived(body)
-                if not self._remaining:
+                if self._deliverCounted():
                     self._finished()
             elif state is _State.CHUNK_SIZE:
                 line = self._line()
@@ -286,13 +280,7 @@ class UpstreamConnection(Protocol):
                 self._remaining = int(size, 16)
                 self._state = _State.CHUNK_DATA if self._remaining else _State.TRAILER
             elif state is _State.CHUNK_DATA:
-                body, self._buffer = (
-                    self._buffer[: self._remaining],
-                    self._buffer[self._remaining :],
-                )
-                self._remaining -= len(body)
-                self.exchange.bodyReceived(body)
-                if not self._remaining:
+                if self._deliverCounted():
                     self._state = _State.CHUNK_END
             elif state is _State.CHUNK_END:
                 if not b"\r\n".startswith(self._buffer[:2]):
@@ -314,6 +302,13 @@ class UpstreamConnection(Protocol):
                 self.exchange.bodyReceived(data)
             else:
                 raise InvalidResponse("data after the end of the response")
+
+    def _deliverCounted(self) -> bool:
+        """Relay up to C{_remaining} buffered body bytes; True when all came."""
+        body, self._buffer = self._buffer[: self._remaining], self._buffer[self._remaining :]
+        self._remaining -= len(body)
+        self.exchange.bodyReceived(body)
+        return not self._remaining
 
     def _line(self) -> bytes | None:
         end = self._buffer.find(b"\r\n")
