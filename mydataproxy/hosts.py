@@ -57,9 +57,11 @@ def normaliseHost(host: str) -> str:
         return _legacyIPv4(labels)
     if not host.isascii():
         try:
-            host = idna.encode(host, uts46=True).decode("ascii")
+            ascii = idna.encode(host, uts46=True).decode("ascii")
         except idna.IDNAError as e:
             raise ValueError(f"invalid international host name: {e}") from None
+        # Mapping may reveal an IP literal ("１２７。０。０。１").
+        return normaliseHost(ascii)
     host = host.lower()
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
         raise ValueError("invalid host name")

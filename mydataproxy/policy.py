@@ -51,6 +51,7 @@ GUARDED: tuple[tuple[IPNetwork, str], ...] = tuple(
         ("fc00::/7", "unique local"),
         ("fe80::/10", "link-local"),
         ("ff00::/8", "multicast"),
+        ("::/8", "reserved (IPv4-compatible and -translated forms)"),
     ]
 )
 
@@ -121,7 +122,7 @@ class EgressPolicy:
 
     def decideAddress(self, request: Request, address: str) -> Decision:
         """May C{request} connect to C{address}?"""
-        ip = ipaddress.ip_address(address)
+        ip = _ip(address)  # an IPv4-mapped answer is judged as the IPv4 address it is
         rule = self._firstMatch(request, ip)
         special = guardedRange(ip) if self._guard else None
         if rule is not None and rule.action == "deny":
