@@ -300,6 +300,13 @@ def _mapTLS(
         # Java passwords are literal text, whatever they look like.
         return "pass:" + tls[key] if tls.get(key) else ""
 
+    for store, dependants in (
+        ("server.ssl.key-store", ("server.ssl.key-store-password", "server.ssl.key-password")),
+        ("server.ssl.trust-store", ("server.ssl.trust-store-password",)),
+    ):
+        for key in dependants:
+            if key in tls and not tls.get(store):
+                notices.append(f"{source}:{lines[key]}: {key} is given without {store} and is ignored")
     keyStore = trustStore = None
     if tls.get("server.ssl.key-store"):
         keyStore = StoreRef(
@@ -361,16 +368,24 @@ def _mapTLS(
 
 
 def _checkTLS(source: str, forward: ForwardSettings, upstream: UpstreamSettings, lines: dict[str, int]) -> None:
-    """The stores must load now, with the key named that points at them."""
-    from mydataproxy.tls import OriginTLS, TLSConfigError, buildServerContext
+    """The stores must load now, with the key named that points at the one that fails."""
+    from mydataproxy.tls import OriginTLS, TLSConfigError, buildServerContext, loadIdentity, loadTrust
 
-    try:
-        if forward.tls is not None:
-            buildServerContext(forward.tls)
-        OriginTLS(upstream.tls, upstream.tls_profiles)
-    except TLSConfigError as e:
-        key = next((k for k in ("server.ssl.key-store", "server.ssl.trust-store") if k in lines), None)
-        raise ConfigError(source, key, str(e), lines.get(key)) from None
+    checks = []
+    for ref, key, load in (
+        (upstream.tls.key_store, "server.ssl.key-store", loadIdentity),
+        (upstream.tls.trust_store, "server.ssl.trust-store", loadTrust),
+    ):
+        if ref is not None:
+            checks.append((key, lambda ref=ref, load=load: load(ref)))
+    if forward.tls is not None:
+        checks.append(("server.ssl.key-store", lambda: buildServerContext(forward.tls)))
+    checks.append(("server.ssl.key-store", lambda: OriginTLS(upstream.tls, upstream.tls_profiles)))
+    for key, check in checks:
+        try:
+            check()
+        except TLSConfigError as e:
+            raise ConfigError(source, key, str(e), lines.get(key)) from None
 
 
 def _checkEndpoint(source: str, description: str, lines: dict[str, int]) -> None:

@@ -111,6 +111,9 @@ class ProxyService(MultiService):
             log.info("forward.client_allow is empty: every client that reaches the listener may use it")
         if not self.settings.egress.guard:
             log.warn("egress.guard is off: private, loopback and cloud metadata addresses are reachable")
+        if self.serverTLS is not None:
+            self.serverTLS.report()
+        self.originTLS.report()
         self.accessLog.start()
         super().privilegedStartService()
 

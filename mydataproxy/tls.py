@@ -93,8 +93,10 @@ def loadTrust(ref: StoreRef) -> list[x509.Certificate]:
 
 
 def reportExpiry(label: str, certificates: list[x509.Certificate]) -> None:
-    """Log every certificate's days to expiry; warn inside the renewal window."""
-    for certificate in certificates:
+    """Log every certificate's days to expiry (once each); warn inside the
+    renewal window."""
+    unique = {fingerprint(c): c for c in certificates}
+    for certificate in unique.values():
         days = daysToExpiry(certificate)
         subject = certificate.subject.rfc4514_string()
         if days < EXPIRY_WARNING_DAYS:
@@ -156,8 +158,11 @@ class ServerTLS:
     def __init__(self, settings: ServerTLSSettings, label: str = "forward.tls") -> None:
         self.settings = settings
         self.label = label
-        self._context, certificates = buildServerContext(settings)
-        reportExpiry(label, certificates)
+        self._context, self._certificates = buildServerContext(settings)
+
+    def report(self) -> None:
+        """Log what is loaded (at start; reloads report themselves)."""
+        reportExpiry(self.label, self._certificates)
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
@@ -169,8 +174,8 @@ class ServerTLS:
         except TLSConfigError as e:
             log.error("{label}: reload failed, keeping the current certificates: {e}", label=self.label, e=e)
             return False
-        self._context = context
-        reportExpiry(self.label, certificates)
+        self._context, self._certificates = context, certificates
+        self.report()
         return True
 
 
@@ -269,9 +274,7 @@ class OriginTLS:
 
     def __init__(self, default: OriginTLSProfile, profiles: tuple[OriginTLSProfile, ...]) -> None:
         self._settings = (default, profiles)
-        self._default, self._profiles, certificates = self._build()
-        self._warnUnverified()
-        reportExpiry("upstream.tls", certificates)
+        self._default, self._profiles, self._certificates = self._build()
 
     def _build(self):
         default, profiles = self._settings
@@ -283,10 +286,12 @@ class OriginTLS:
             certificates += more
         return builtDefault, builtProfiles, certificates
 
-    def _warnUnverified(self) -> None:
+    def report(self) -> None:
+        """Log what is loaded (at start; reloads report themselves)."""
         for built in [self._default, *self._profiles]:
             if not built.profile.verify:
                 log.warn("{name}: verify = false: origin certificates are NOT checked", name=built.profile.name)
+        reportExpiry("upstream.tls", self._certificates)
 
     def profileFor(self, host: str) -> OriginTLSProfile:
         return self._builtFor(host).profile
@@ -337,8 +342,8 @@ class OriginTLS:
         except TLSConfigError as e:
             log.error("upstream.tls: reload failed, keeping the current material: {e}", e=e)
             return False
-        self._default, self._profiles = default, profiles
-        reportExpiry("upstream.tls", certificates)
+        self._default, self._profiles, self._certificates = default, profiles, certificates
+        self.report()
         return True
 
 

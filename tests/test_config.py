@@ -6,13 +6,24 @@ network.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
 
-from mydataproxy import config, legacy
+from conftest import require_tool
+from mydataproxy import cli, config, legacy
 from mydataproxy.config import ConfigError, Settings
+from mydataproxy.keystore import resolvePassword
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 SECRET = "s3cr3t-Pa55"
@@ -431,15 +442,6 @@ def test_propertiesLogFile(tmp_path: Path) -> None:
 
 
 UNSUPPORTED = [
-    "server.ssl.key-store",
-    "server.ssl.key-store-password",
-    "server.ssl.key-password",
-    "server.ssl.trust-store",
-    "server.ssl.trust-store-password",
-    "server.ssl.client-auth",
-    "server.ssl.reloadShell",
-    "proxy.ssl.client.validateCertificate",
-    "proxy.ssl.client.tls-version",
     "proxy.httpclient.disableContentCompression",
     "logging.file.max-size",
     "logging.level.root",
@@ -457,6 +459,16 @@ def test_propertiesNotices(tmp_path: Path, key: str) -> None:
     assert settings.forward.listen == "tcp:9000"
 
 
+def test_propertiesReloadShellNotice(tmp_path: Path) -> None:
+    # The Java product ran a shell command to renew certificates; we re-read on SIGHUP.
+    settings = props(tmp_path, f"server.port=9000\nserver.ssl.reloadShell=sh {SECRET}.sh\n")
+    path = tmp_path / "application.properties"
+    assert settings.notices == (
+        f"{path}:2: server.ssl.reloadShell is not run: send SIGHUP to re-read the key and trust stores instead",
+    )
+    assert settings.forward.tls is None
+
+
 def test_propertiesApplicationNameNotice(tmp_path: Path) -> None:
     settings = props(tmp_path, "spring.application.name=client\n")
     path = tmp_path / "application.properties"
@@ -466,9 +478,10 @@ def test_propertiesApplicationNameNotice(tmp_path: Path) -> None:
 
 
 def test_propertiesAllNoticesInOrder(tmp_path: Path) -> None:
-    text = "".join(f"{key}={SECRET}\n" for key in UNSUPPORTED)
+    noticed = [*UNSUPPORTED, "server.ssl.reloadShell"]
+    text = "".join(f"{key}={SECRET}\n" for key in noticed)
     settings = props(tmp_path, "spring.application.name=client\n" + text)
-    keys = ["spring.application.name", *UNSUPPORTED]
+    keys = ["spring.application.name", *noticed]
     assert len(settings.notices) == len(keys)
     for number, (notice, key) in enumerate(zip(settings.notices, keys), start=1):
         assert notice.startswith(f"{tmp_path / 'application.properties'}:{number}: {key} ")
@@ -486,15 +499,6 @@ def test_propertiesDuplicateKey(tmp_path: Path) -> None:
 
 
 def test_passwordsNeverShown(tmp_path: Path) -> None:
-    # Notices name the key, never the value.
-    settings = props(
-        tmp_path,
-        f"server.ssl.key-store-password={SECRET}\n"
-        f"server.ssl.key-password  :  {SECRET}\n"
-        f"server.ssl.trust-store-password {SECRET}\n",
-    )
-    assert len(settings.notices) == 3
-    assert not any(SECRET in notice for notice in settings.notices)
     # A misspelt password key is an unknown key; its value is not shown.
     error = propsError(tmp_path, f"server.ssl.key-store-pasword={SECRET}\n",
                        "server.ssl.key-store-pasword", 1, "unknown key")
@@ -503,27 +507,348 @@ def test_passwordsNeverShown(tmp_path: Path) -> None:
     error = propsError(tmp_path, f"\nserver.ssl.key-password={SECRET}\\uZZZZ\n",
                        "server.ssl.key-password", 2, "malformed")
     assert SECRET not in str(error)
+    # Nor when the store it opens cannot be read.
+    error = propsError(
+        tmp_path,
+        f"server.ssl.enabled=true\nserver.ssl.key-store={tmp_path / 'absent.p12'}\n"
+        f"server.ssl.key-store-password={SECRET}\nserver.ssl.key-password={SECRET}\n",
+        "server.ssl.key-store", 2, "absent.p12", "cannot read")
+    assert SECRET not in str(error)
     # Defence in depth for bad values of any key naming a password.
     assert SECRET not in legacy._shown("some.Password.key", SECRET)
     assert legacy._shown("server.port", "abc") == "'abc'"
 
 
-@pytest.mark.parametrize("key, fragment", [
-    ("server.ssl.enabled", "serve plaintext where TLS is expected"),
-    ("proxy.ssl.client.enabled", "without the client certificate"),
-])
+# --- application.properties: TLS (server.ssl.*, proxy.ssl.client.*) --------------
+#
+# The Java product's one key store was both the listener's certificate
+# (server.ssl.enabled) and the client certificate for outbound mutual TLS
+# (proxy.ssl.client.enabled); its trust store both checked clients
+# (client-auth) and verified origins.  Java passwords are literal text.
+
+
+@dataclass
+class Stores:
+    dir: Path
+    p12: Path  # key + certificate, password SECRET
+    pem: Path  # key + certificate, no password
+    trustP12: Path  # the certificate alone, password SECRET
+    trustPem: Path
+    jks: Path  # made by keytool: store password SECRET, key password KEY_SECRET
+    certificate: x509.Certificate
+
+
+KEY_SECRET = "k3y-Pa55-only"
+TRUST_SECRET = "tru5t-Pa55"
+
+
+def _identity():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "proxy.example")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=100))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("proxy.example")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def _p12(path: Path, key, certificate, password: str) -> Path:
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"proxy", key, certificate, None, serialization.BestAvailableEncryption(password.encode())))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Stores:
+    d = tmp_path_factory.mktemp("stores")
+    key, certificate = _identity()
+    p12 = _p12(d / "server.p12", key, certificate, SECRET)
+    pem = d / "server.pem"
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+        + certificate.public_bytes(serialization.Encoding.PEM))
+    trustPem = d / "trust.pem"
+    trustPem.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    trustP12 = d / "trust.p12"
+    trustP12.write_bytes(pkcs12.serialize_key_and_certificates(
+        None, None, None, [pkcs12.PKCS12Certificate(certificate, b"ca")],
+        serialization.BestAvailableEncryption(TRUST_SECRET.encode())))
+    jks = d / "server.jks"
+    result = subprocess.run(
+        [require_tool("keytool"), "-importkeystore", "-srckeystore", str(p12), "-srcstoretype", "PKCS12",
+         "-srcstorepass", SECRET, "-destkeystore", str(jks), "-deststoretype", "JKS",
+         "-deststorepass", SECRET, "-destkeypass", KEY_SECRET, "-noprompt"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert jks.read_bytes()[:4] == b"\xfe\xed\xfe\xed"
+    return Stores(d, p12, pem, trustP12, trustPem, jks, certificate)
+
+
+def secret(spec: str) -> str:
+    """The password a (mapped) password setting stands for."""
+    return resolvePassword(spec) if spec else ""
+
+
+def test_propertiesTlsEverything(tmp_path: Path, stores: Stores) -> None:
+    relative = os.path.relpath(stores.p12, tmp_path)
+    settings = props(
+        tmp_path,
+        "server.port=9443\n"
+        "server.ssl.enabled=true\n"
+        f"server.ssl.key-store=file:{relative}\n"
+        f"server.ssl.key-store-password={SECRET}\n"
+        f"server.ssl.key-password={SECRET}\n"
+        f"server.ssl.trust-store=file:{stores.trustP12}\n"
+        f"server.ssl.trust-store-password={TRUST_SECRET}\n"
+        "server.ssl.client-auth=need\n"
+        "proxy.ssl.client.enabled=true\n"
+        "proxy.ssl.client.validateCertificate=true\n"
+        "proxy.ssl.client.tls-version=TLSv1.3\n",
+    )
+    assert settings.notices == ()
+    tls = settings.forward.tls
+    assert tls is not None
+    assert tls.key_store.path == str(stores.p12)
+    assert (secret(tls.key_store.password), secret(tls.key_store.key_password)) == (SECRET, SECRET)
+    assert tls.trust_store is not None and tls.trust_store.path == str(stores.trustP12)
+    assert secret(tls.trust_store.password) == TRUST_SECRET
+    assert (tls.client_auth, tls.min_version) == ("need", "TLSv1.2")
+    origin = settings.upstream.tls
+    # One key store for both directions, one trust store for clients and origins.
+    assert origin.key_store == tls.key_store
+    assert origin.trust_store == tls.trust_store
+    assert (origin.verify, origin.min_version, origin.max_version) == (True, "TLSv1.3", "TLSv1.3")
+    assert settings.upstream.tls_profiles == ()
+
+
+def test_propertiesTlsSample() -> None:
+    # The shipped sample keeps TLS off and the defaults of the Java product.
+    settings = config.load(ETC / "application.properties")
+    assert settings.forward.tls is None
+    assert settings.upstream.tls == config.OriginTLSProfile()
+
+
+@pytest.mark.parametrize("form", ["file:{relative}", "{relative}", "file:{absolute}", "{absolute}",
+                                  "file://{absolute}"])
+def test_propertiesTlsStoreLocations(tmp_path: Path, stores: Stores, form: str) -> None:
+    """Spring resource locations: file: prefixes; relative to the properties file's directory."""
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    relative = os.path.relpath(stores.pem, tmp_path / "conf")
+    location = form.format(relative=relative, absolute=stores.pem)
+    trust = form.format(relative=os.path.relpath(stores.trustPem, tmp_path / "conf"), absolute=stores.trustPem)
+    path = write(tmp_path / "conf",
+                 f"server.ssl.enabled=true\nserver.ssl.key-store={location}\nserver.ssl.trust-store={trust}\n",
+                 "application.properties")
+    settings = config.load(path)
+    assert settings.forward.tls.key_store.path == str(stores.pem)
+    assert settings.upstream.tls.trust_store.path == str(stores.trustPem)
+
+
+@pytest.mark.parametrize("key, line", [("server.ssl.key-store", 3), ("server.ssl.trust-store", 4)])
+def test_propertiesTlsClasspathRefused(tmp_path: Path, stores: Stores, key: str, line: int) -> None:
+    values = {"server.ssl.key-store": str(stores.pem), "server.ssl.trust-store": str(stores.trustPem)}
+    values[key] = "classpath:keystore/server.jks"
+    propsError(
+        tmp_path,
+        "server.port=9000\nserver.ssl.enabled=true\n"
+        f"server.ssl.key-store={values['server.ssl.key-store']}\n"
+        f"server.ssl.trust-store={values['server.ssl.trust-store']}\n",
+        key, line, "classpath:", "give a file path",
+    )
+
+
+@pytest.mark.parametrize("password", ["env:MYDATAPROXY_TEST_PASSWORD", "file:/etc/hostname", "pass:word",
+                                      "plain \u00e9 text"])
+def test_propertiesTlsPasswordsAreLiteral(tmp_path: Path, monkeypatch, password: str) -> None:
+    """Java passwords are text: "env:X" as a Java password is those five characters, not a variable."""
+    monkeypatch.setenv("MYDATAPROXY_TEST_PASSWORD", SECRET)
+    key, certificate = _identity()
+    store = _p12(tmp_path / "literal.p12", key, certificate, password)
+    escaped = password.replace("\u00e9", "\\u00e9")
+    settings = props(
+        tmp_path,
+        f"server.ssl.enabled=true\nserver.ssl.key-store={store}\n"
+        f"server.ssl.key-store-password={escaped}\nserver.ssl.key-password={escaped}\n",
+    )
+    assert secret(settings.forward.tls.key_store.password) == password
+    assert secret(settings.forward.tls.key_store.key_password) == password
+    # Read as a TOML spec instead, the same text would be a variable or a file: wrong here.
+    if password.startswith("env:"):
+        assert resolvePassword(password) == SECRET
+
+
+def test_propertiesTlsKeyPassword(tmp_path: Path, stores: Stores) -> None:
+    """server.ssl.key-password opens the private key of a JKS whose store password differs."""
+    text = f"server.ssl.enabled=true\nserver.ssl.key-store=file:{stores.jks}\nserver.ssl.key-store-password={SECRET}\n"
+    settings = props(tmp_path, text + f"server.ssl.key-password={KEY_SECRET}\n")
+    assert secret(settings.forward.tls.key_store.key_password) == KEY_SECRET
+    error = propsError(tmp_path, text, "server.ssl.key-store", 2, str(stores.jks))
+    assert SECRET not in str(error) and KEY_SECRET not in str(error)
+
+
+@pytest.mark.parametrize("password, line", [(SECRET + "-wrong", 3), ("", 3)])
+def test_propertiesTlsWrongStorePassword(tmp_path: Path, stores: Stores, password: str, line: int) -> None:
+    error = propsError(
+        tmp_path,
+        "server.port=9000\nserver.ssl.enabled=true\n"
+        f"server.ssl.key-store=file:{stores.p12}\n"
+        f"server.ssl.key-store-password={password}\n",
+        "server.ssl.key-store", line, str(stores.p12), "password",
+    )
+    assert SECRET not in str(error)
+
+
+def test_propertiesTlsWrongTrustStorePassword(tmp_path: Path, stores: Stores) -> None:
+    """The error names the key of the store that failed, not the other one."""
+    error = propsError(
+        tmp_path,
+        "server.ssl.enabled=true\n"
+        f"server.ssl.key-store={stores.p12}\n"
+        f"server.ssl.key-store-password={SECRET}\n"
+        f"server.ssl.trust-store={stores.trustP12}\n"
+        f"server.ssl.trust-store-password={SECRET}-wrong\n"
+        "server.ssl.client-auth=need\n",
+        "server.ssl.trust-store", 4, str(stores.trustP12), "wrong password",
+    )
+    assert SECRET not in str(error) and TRUST_SECRET not in str(error)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("need", "need"), ("want", "want"), ("none", "none"), ("NEED", "need"), (" Want ", "want"), ("", "none")],
+)
+def test_propertiesTlsClientAuth(tmp_path: Path, stores: Stores, value: str, expected: str) -> None:
+    settings = props(
+        tmp_path,
+        f"server.ssl.enabled=true\nserver.ssl.key-store={stores.pem}\n"
+        f"server.ssl.trust-store={stores.trustPem}\nserver.ssl.client-auth={value}\n",
+    )
+    tls = settings.forward.tls
+    assert tls.client_auth == expected
+    # The trust store checks clients only when they are asked for a certificate ...
+    assert (tls.trust_store is not None) == (expected != "none")
+    # ... and verifies origins in every case.
+    assert settings.upstream.tls.trust_store.path == str(stores.trustPem)
+
+
+def test_propertiesTlsClientAuthErrors(tmp_path: Path, stores: Stores) -> None:
+    base = f"server.ssl.enabled=true\nserver.ssl.key-store={stores.pem}\n"
+    propsError(tmp_path, base + "server.ssl.client-auth=required\n", "server.ssl.client-auth", 3,
+               "must be need, want or none", "'required'")
+    for value in ("need", "want"):
+        propsError(tmp_path, base + f"server.ssl.client-auth={value}\n", "server.ssl.client-auth", 3,
+                   "needs server.ssl.trust-store")
+
+
 @pytest.mark.parametrize("value", ["true", "TRUE", "on", "yes", "1"])
-def test_propertiesTlsRefused(tmp_path: Path, key: str, fragment: str, value: str) -> None:
-    propsError(tmp_path, f"server.port=9000\n{key}={value}\n", key, 2, "refusing to start",
-               fragment)
+def test_propertiesTlsEnabled(tmp_path: Path, stores: Stores, value: str) -> None:
+    settings = props(tmp_path, f"server.port=9443\nserver.ssl.enabled={value}\nserver.ssl.key-store={stores.pem}\n")
+    assert settings.forward.tls == config.ServerTLSSettings(config.StoreRef(str(stores.pem)))
+    assert settings.forward.listen == "tcp:9443"
+    # The listener's key store is not a client certificate unless asked for.
+    assert settings.upstream.tls == config.OriginTLSProfile()
+    settings = props(tmp_path, f"proxy.ssl.client.enabled={value}\nserver.ssl.key-store={stores.pem}\n")
+    assert settings.forward.tls is None
+    assert settings.upstream.tls == config.OriginTLSProfile(key_store=config.StoreRef(str(stores.pem)))
+
+
+@pytest.mark.parametrize("key, needs", [
+    ("server.ssl.enabled", "needs server.ssl.key-store"),
+    ("proxy.ssl.client.enabled", "needs server.ssl.key-store"),
+])
+@pytest.mark.parametrize("value", ["true", "on", "1"])
+def test_propertiesTlsEnabledWithoutKeyStore(tmp_path: Path, key: str, needs: str, value: str) -> None:
+    # Refusing to start is safer than serving plaintext or sending no certificate.
+    propsError(tmp_path, f"server.port=9000\n{key}={value}\n", key, 2, needs)
+    propsError(tmp_path, f"server.port=9000\n{key}={value}\nserver.ssl.key-store=\n", key, 2, needs)
 
 
 @pytest.mark.parametrize("key", ["server.ssl.enabled", "proxy.ssl.client.enabled"])
-def test_propertiesTlsDisabled(tmp_path: Path, key: str) -> None:
+def test_propertiesTlsDisabled(tmp_path: Path, stores: Stores, key: str) -> None:
     for value in ["false", "False", "off", "no", "0"]:
         settings = props(tmp_path, f"{key}={value}\n")
         assert settings == Settings(source=str(tmp_path / "application.properties"))
+        # A key store alone enables nothing.
+        settings = props(tmp_path, f"{key}={value}\nserver.ssl.key-store={stores.pem}\n")
+        assert settings.forward.tls is None and settings.upstream.tls == config.OriginTLSProfile()
     propsError(tmp_path, f"{key}=maybe\n", key, 1, "must be true or false", "'maybe'")
+
+
+def test_propertiesTlsValidateCertificateFalse(tmp_path: Path, stores: Stores, capsys) -> None:
+    text = (
+        f"server.ssl.key-store={stores.pem}\n"
+        "proxy.ssl.client.enabled=true\n"
+        "\n"
+        "proxy.ssl.client.validateCertificate=false\n"
+    )
+    settings = props(tmp_path, text)
+    path = tmp_path / "application.properties"
+    origin = settings.upstream.tls
+    assert origin.verify is False
+    # Unlike the Java product, the client certificate is still sent.
+    assert origin.key_store == config.StoreRef(str(stores.pem))
+    assert settings.notices == (
+        f"{path}:4: proxy.ssl.client.validateCertificate=false: origin certificates are NOT verified"
+        " (the client certificate is still sent)",
+    )
+    # check-config says so too.
+    assert cli.checkConfig(str(path)) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {path}:4: proxy.ssl.client.validateCertificate=false" in out
+    assert "WARNING: verify=false" in out
+    for value in ("true", "TRUE", "1"):
+        settings = props(tmp_path, f"proxy.ssl.client.validateCertificate={value}\n")
+        assert settings.upstream.tls.verify is True and settings.notices == ()
+    propsError(tmp_path, "\nproxy.ssl.client.validateCertificate=never\n",
+               "proxy.ssl.client.validateCertificate", 2, "must be true or false")
+
+
+@pytest.mark.parametrize(
+    "value, versions, dropped",
+    [
+        ("TLSv1.2", ("TLSv1.2", "TLSv1.2"), ""),
+        ("TLSv1.3", ("TLSv1.3", "TLSv1.3"), ""),
+        ("TLSv1.2,TLSv1.3", ("TLSv1.2", "TLSv1.3"), ""),
+        (" TLSv1.3 , TLSv1.2 ,", ("TLSv1.2", "TLSv1.3"), ""),
+        ("TLSv1.1,TLSv1.2", ("TLSv1.2", "TLSv1.2"), "TLSv1.1"),
+        ("TLSv1,TLSv1.1,TLSv1.2,TLSv1.3", ("TLSv1.2", "TLSv1.3"), "TLSv1, TLSv1.1"),
+    ],
+)
+def test_propertiesTlsVersions(tmp_path: Path, value: str, versions: tuple[str, str], dropped: str) -> None:
+    settings = props(tmp_path, f"server.port=9000\nproxy.ssl.client.tls-version={value}\n")
+    assert (settings.upstream.tls.min_version, settings.upstream.tls.max_version) == versions
+    path = tmp_path / "application.properties"
+    expected = (f"{path}:2: proxy.ssl.client.tls-version: {dropped} not offered (too weak)",) if dropped else ()
+    assert settings.notices == expected
+
+
+@pytest.mark.parametrize("value", ["TLSv1", "TLSv1,TLSv1.1", "SSLv3", ""])
+def test_propertiesTlsVersionsNoneLeft(tmp_path: Path, value: str) -> None:
+    propsError(tmp_path, f"server.port=9000\n\nproxy.ssl.client.tls-version={value}\n",
+               "proxy.ssl.client.tls-version", 3, "needs TLSv1.2 or TLSv1.3")
+
+
+def test_propertiesTlsUnreadableStores(tmp_path: Path, stores: Stores) -> None:
+    garbage = tmp_path / "garbage.jks"
+    garbage.write_bytes(b"\xfe\xed\xfe\xed" + b"\x00" * 7)
+    propsError(tmp_path, f"server.ssl.enabled=true\nserver.ssl.key-store={garbage}\n",
+               "server.ssl.key-store", 2, str(garbage))
+    # A trust store that is read for origins even with the listener in plain text.
+    propsError(tmp_path, f"server.port=9000\nserver.ssl.trust-store={tmp_path / 'none.jks'}\n",
+               "server.ssl.trust-store", 2, "none.jks", "cannot read")
+    # A key store holding no key.
+    propsError(tmp_path, f"server.ssl.enabled=true\nserver.ssl.key-store={stores.trustPem}\n",
+               "server.ssl.key-store", 2, "no private-key entry")
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_legacy_properties_start_the_daemon_and_report_unhonoured_keys(tmp_path:
     config = tmp_path / "application.properties"
     config.write_text(
         f"server.port={port}\nserver.address=127.0.0.1\n"
-        "proxy.ssl.client.tls-version=TLSv1.2,TLSv1.3\nspring.application.name=client\n"
+        "proxy.httpclient.disableContentCompression=true\nspring.application.name=client\n"
     )
     process = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "mydataproxy", "--config", str(config)],
@@ -83,7 +83,7 @@ def test_legacy_properties_start_the_daemon_and_report_unhonoured_keys(tmp_path:
         process.terminate()
         output = process.communicate(timeout=15)[0]
     assert "Server Shut Down." in output
-    assert "proxy.ssl.client.tls-version is not supported yet" in output
+    assert "proxy.httpclient.disableContentCompression is not supported yet" in output
     assert "spring.application.name" in output
 
 
