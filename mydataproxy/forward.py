@@ -10,9 +10,10 @@ soon as it is parsed, and L{ForwardRequest} starts relaying in C{gotLength}
 C{handleContentChunk}, and treats C{requestReceived} as "body complete".
 
 A request passes, in order: the limits on its head (414, 431, 408), its
-framing (400), the client allow-list (403), the rate limit (429), proxy
-authentication (407), target parsing (400, 403), the body limit (413), name
-resolution (502, 504) and the egress policy on the resolved addresses (403).
+framing (400), the client allow-list (403), the rate limit (429), target
+parsing (400, 403), the body limit (413), proxy authentication (407), the
+CONNECT port list (403), name resolution (502, 504) and the egress policy on
+the resolved addresses (403).
 """
 
 from __future__ import annotations
