@@ -359,8 +359,17 @@ class Proxy:
             "\n[upstream]\n"
             f"max_connections_per_destination = {per_destination}\n"
             f"max_connections_total = {total}\n"
+            # 1,000 idle tunnels come from one client address.
+            "\n[limits]\n"
+            "max_connections_per_client = 4096\n"
             "\n[logging]\n"
             f"access_log = {json.dumps(str(self.access_log))}\n"
+            # The SSRF guard refuses loopback unless a rule names it; the
+            # benchmark origins live there.
+            "\n[[egress.rules]]\n"
+            'name = "benchmark origins"\n'
+            'action = "allow"\n'
+            'networks = ["127.0.0.0/8"]\n'
         )
         self.proc = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "mydataproxy", "--config", str(self.config)],

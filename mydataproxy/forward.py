@@ -218,7 +218,6 @@ class ForwardChannel(http.HTTPChannel):
 
     def __init__(self, limits, client: str) -> None:
         super().__init__()
-        self.requestFactory = ForwardRequest
         self.limits = limits
         self.admittedAs = client
         self.tunnel: Tunnel | None = None
@@ -370,6 +369,7 @@ class ForwardChannel(http.HTTPChannel):
 
     def startTunnel(self, request: "ForwardRequest") -> None:
         """Leave HTTP: from here on the connection's bytes belong to a tunnel."""
+        self._framing = None
         self.setTimeout(None)
         self.setRawMode()
         self.transport.unregisterProducer()
@@ -724,3 +724,7 @@ class ForwardRequest(http.Request):
             self.recordAccess()
         # Last: Request.connectionLost lets go of the channel.
         super().connectionLost(reason)
+
+
+# Set here, not per instance: ForwardRequest is defined after the channel.
+ForwardChannel.requestFactory = ForwardRequest

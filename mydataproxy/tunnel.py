@@ -68,6 +68,13 @@ class Tunnel:
     @param target: Where to connect, or the L{Refusal} to answer with.
     """
 
+    # Thousands may sit idle at once: no per-instance dict.
+    __slots__ = (
+        "channel", "client", "target", "credentials", "proxy", "started", "lastActivity", "status",
+        "bytesIn", "bytesOut", "upstreamAddress", "_origin", "_pending", "_pendingSize",
+        "_clientEOF", "_originEOF", "_over",
+    )
+
     def __init__(
         self,
         channel: "ForwardChannel",
@@ -103,7 +110,8 @@ class Tunnel:
             return
         self.proxy.tunnels.add(self)
         reactor = self.proxy.reactor
-        d = self.proxy.admit(self.credentials, self.target, self.channel.clientCertificate())
+        credentials, self.credentials = self.credentials, None
+        d = self.proxy.admit(credentials, self.target, self.channel.clientCertificate())
         d.addCallback(
             lambda destination: connect(
                 reactor,
@@ -148,6 +156,7 @@ class Tunnel:
             origin.transport.loseConnection()
             return
         self._origin = origin
+        origin.ready = None  # fired; don't keep the Deferred (it refers back to origin)
         peer = origin.transport.getPeer()
         self.upstreamAddress = f"{peer.host}:{peer.port}"
         self.client.write(ESTABLISHED)
