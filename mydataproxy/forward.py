@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import txaio
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -207,6 +207,31 @@ class ForwardProxy(Factory):
         return replace(destination, addresses=tuple(allowed))
 
 
+class _HeadState:
+    """Where the current request head stands (limits, framing, deadline)."""
+
+    __slots__ = ("awaitingRequestLine", "bytes", "fields", "framing", "deadline")
+
+    def __init__(self) -> None:
+        self.awaitingRequestLine = True
+        self.bytes = 0
+        self.fields = 0
+        self.framing: BodyFramingCheck | None = None
+        self.deadline: IDelayedCall | None = None
+
+
+class _Link:
+    """Who is at the other end: the admitted client, and cached addresses."""
+
+    __slots__ = ("client", "peer", "host", "certificate")
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.peer = None
+        self.host = None
+        self.certificate: str | None = None
+
+
 @implementer(IHalfCloseableProtocol)
 class ForwardChannel(http.HTTPChannel):
     """
@@ -218,20 +243,14 @@ class ForwardChannel(http.HTTPChannel):
 
     def __init__(self, client: str) -> None:
         super().__init__()
-        self.admittedAs = client
         self.tunnel: Tunnel | None = None
-        self._awaitingRequestLine = True
-        self._headBytes = 0
-        self._headFields = 0
-        self._framing: BodyFramingCheck | None = None
-        self._headDeadline = None
-        self._peer = None
-        self._host = None
-        self._certificate: str | None = None
+        self._head = _HeadState()
+        self._link = _Link(client)
 
-    # Settings read through the factory rather than copied per connection:
-    # past 30 attributes an instance's dict stops sharing its keys and costs
-    # a kilobyte more, which matters for thousands of idle tunnels.
+    # Our per-connection state lives in two slotted objects, and settings are
+    # read through the factory: past 30 attributes an instance's dict stops
+    # sharing its keys with other instances and costs a kilobyte more, which
+    # matters for thousands of idle tunnels.
 
     @property
     def limits(self) -> LimitSettings:
@@ -254,20 +273,20 @@ class ForwardChannel(http.HTTPChannel):
 
     def getPeer(self):
         # Asked for by every request; the answer never changes.
-        if self._peer is None:
-            self._peer = self.transport.getPeer()
-        return self._peer
+        if self._link.peer is None:
+            self._link.peer = self.transport.getPeer()
+        return self._link.peer
 
     def getHost(self):
-        if self._host is None:
-            self._host = self.transport.getHost()
-        return self._host
+        if self._link.host is None:
+            self._link.host = self.transport.getHost()
+        return self._link.host
 
     def clientCertificate(self) -> str:
         """The subject of the client's verified TLS certificate, or ''."""
-        if self._certificate is None:
-            self._certificate = clientSubject(self.transport)
-        return self._certificate
+        if self._link.certificate is None:
+            self._link.certificate = clientSubject(self.transport)
+        return self._link.certificate
 
     def clientAddress(self) -> str:
         """The socket peer's IP address as text."""
@@ -292,10 +311,10 @@ class ForwardChannel(http.HTTPChannel):
     # The request head, line by line.
 
     def lineReceived(self, line: bytes) -> None:
-        if self._awaitingRequestLine:
+        if self._head.awaitingRequestLine:
             if not line:
                 return  # blank lines before a request are ignored (RFC 9112 2.2)
-            self._headBytes, self._headFields = len(line) + 2, 0
+            self._head.bytes, self._head.fields = len(line) + 2, 0
             parts = line.split(b" ")
             if len(parts) == 3 and len(parts[1]) > self.limits.max_uri_bytes:
                 self.refuseHead(414, "URI too long", "limits.max_uri_bytes")
@@ -306,13 +325,13 @@ class ForwardChannel(http.HTTPChannel):
                 return
             super().lineReceived(line)
             if self.requests and not self.transport.disconnecting:
-                self._awaitingRequestLine = False
+                self._head.awaitingRequestLine = False
                 method, uri, version = parts
-                self._framing = BodyFramingCheck(version)
+                self._head.framing = BodyFramingCheck(version)
                 self.requests[-1].requestLineReceived(method, uri, version)
             return
-        self._headBytes += len(line) + 2
-        if self._headBytes > self.limits.max_header_bytes:
+        self._head.bytes += len(line) + 2
+        if self._head.bytes > self.limits.max_header_bytes:
             self.refuseHead(431, "request header fields too large", "limits.max_header_bytes")
             return
         if line[:1] in (b" ", b"\t"):
@@ -321,20 +340,20 @@ class ForwardChannel(http.HTTPChannel):
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        if self._awaitingRequestLine:
+        if self._head.awaitingRequestLine:
             self.refuseHead(414, "URI too long", "limits.max_uri_bytes")
         else:
             self.refuseHead(431, "request header fields too large", "limits.max_header_bytes")
 
     def headerReceived(self, line: bytes) -> bool:
-        self._headFields += 1
-        if self._headFields > self.limits.max_headers:
+        self._head.fields += 1
+        if self._head.fields > self.limits.max_headers:
             self.refuseHead(431, "too many request header fields", "limits.max_headers")
             return False
         problem = headerProblem(line)
         if problem is None:
             name, _, value = line.partition(b":")
-            problem = self._framing.problem(name, value)
+            problem = self._head.framing.problem(name, value)
         if problem:
             self.refuseHead(400, f"bad request: {problem}")
             return False
@@ -352,7 +371,7 @@ class ForwardChannel(http.HTTPChannel):
     def allContentReceived(self) -> None:
         if self.tunnel is not None:
             return  # a CONNECT head has no content; what follows is the tunnel's
-        self._awaitingRequestLine = True
+        self._head.awaitingRequestLine = True
         super().allContentReceived()
 
     # The deadline for a whole request head (slowloris).
@@ -367,16 +386,16 @@ class ForwardChannel(http.HTTPChannel):
         super().timeoutConnection()
 
     def _armHeadDeadline(self) -> None:
-        self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
+        self._head.deadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
 
     def _cancelHeadDeadline(self) -> None:
-        if self._headDeadline is not None:
-            if self._headDeadline.active():
-                self._headDeadline.cancel()
-            self._headDeadline = None
+        if self._head.deadline is not None:
+            if self._head.deadline.active():
+                self._head.deadline.cancel()
+            self._head.deadline = None
 
     def _headTimedOut(self) -> None:
-        self._headDeadline = None
+        self._head.deadline = None
         self.refuseHead(
             408,
             f"request head not complete within {self.limits.header_timeout:g} s",
@@ -387,7 +406,7 @@ class ForwardChannel(http.HTTPChannel):
 
     def startTunnel(self, request: "ForwardRequest") -> None:
         """Leave HTTP: from here on the connection's bytes belong to a tunnel."""
-        self._framing = None
+        self._head.framing = None
         self.setTimeout(None)
         self.setRawMode()
         self.transport.unregisterProducer()
@@ -398,7 +417,7 @@ class ForwardChannel(http.HTTPChannel):
         if self.tunnel is not None:
             self.tunnel.fromClient(data)
             return
-        if self._headDeadline is None and not self.requests:
+        if self._head.deadline is None and not self.requests:
             self._armHeadDeadline()  # the first bytes of a new request head
         super().dataReceived(data)
 
@@ -428,7 +447,7 @@ class ForwardChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancelHeadDeadline()
-        self.factory.connections.release(self.admittedAs)
+        self.factory.connections.release(self._link.client)
         if self.tunnel is not None:
             self.tunnel.clientLost(reason)
         super().connectionLost(reason)
