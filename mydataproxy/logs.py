@@ -67,6 +67,12 @@ class AccessLog:
             self._queue.put_nowait(batch)
         except queue.Full:
             self.dropped += len(batch)
+            log.warn(
+                "access log {path} is not keeping up: {n} lines dropped ({total} in all)",
+                path=self.path,
+                n=len(batch),
+                total=self.dropped,
+            )
 
     def stop(self) -> None:
         """Write what is gathered and queued, then stop the writer."""

@@ -1039,3 +1039,30 @@ class RSSSampler:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: moves a gigabyte or so (deselect with -m 'not slow')")
+
+
+def peak_growth_kib(proxy: "ProxyProcess", baseline_kib: int, hwm_before: int, sampler: "RSSSampler") -> int:
+    """How far the proxy's RSS rose above C{baseline_kib} while C{sampler} ran
+    (the kernel's high-water mark counts too, if it moved)."""
+    peak = sampler.max_kib
+    hwm_after = proxy.hwm_kib()
+    if hwm_after > hwm_before:
+        peak = max(peak, hwm_after)
+    return peak - baseline_kib
+
+
+def send_in_background(sock, block: bytes, count: int) -> tuple[threading.Thread, dict]:
+    """Send C{block} C{count} times from a thread; the dict gets C{sent} or C{error}."""
+    result: dict = {}
+
+    def sender() -> None:
+        try:
+            for _ in range(count):
+                sock.sendall(block)
+            result["sent"] = True
+        except OSError as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    return thread, result

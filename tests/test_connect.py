@@ -9,7 +9,6 @@ import json
 import socket
 import ssl
 import subprocess
-import threading
 import time
 
 import pytest
@@ -23,6 +22,8 @@ from conftest import (
     assert_short_text_error,
     build_request,
     open_tunnel,
+    peak_growth_kib,
+    send_in_background,
 )
 from origin import patternBytes, patternSha256
 
@@ -348,12 +349,6 @@ def _warm_tunnel(p, origin) -> None:
             assert c.read_response().json() == {"length": 10 * MiB}
 
 
-def _growth(p, baseline, hwm_before, sampler) -> int:
-    peak = sampler.max_kib
-    hwm_after = p.hwm_kib()
-    if hwm_after > hwm_before:
-        peak = max(peak, hwm_after)
-    return peak - baseline
 
 
 def test_tunnel_backpressure_stalled_client(proxy_factory, origin):
@@ -371,7 +366,7 @@ def test_tunnel_backpressure_stalled_client(proxy_factory, origin):
             c.send(build_request("GET", f"/bytes/{size}", [("Host", origin.authority)]))
             assert c.read_head().status == 200
             time.sleep(2.5)
-            stalled = _growth(p, baseline, hwm_before, sampler)
+            stalled = peak_growth_kib(p, baseline, hwm_before, sampler)
             c.discard_exact(size)
     assert stalled <= RSS_BUDGET_KIB, \
         f"proxy RSS grew by {stalled / 1024:.1f} MiB while the tunnel's client did not read"
@@ -385,7 +380,6 @@ def test_tunnel_backpressure_stalled_origin(proxy_factory, origin):
     baseline, hwm_before = p.rss_kib(), p.hwm_kib()
     size = 300 * MiB
     block = patternBytes(MiB)
-    result = {}
     with RSSSampler(p.pid) as sampler:
         c, resp = open_tunnel(p, origin.authority, timeout=60)
         with c:
@@ -393,18 +387,9 @@ def test_tunnel_backpressure_stalled_origin(proxy_factory, origin):
             c.send(build_request("PUT", "/count?pause_ms=2500",
                                  [("Host", origin.authority), ("Content-Length", str(size))]))
 
-            def sender():
-                try:
-                    for _ in range(size // MiB):
-                        c.sock.sendall(block)
-                    result["sent"] = True
-                except OSError as e:
-                    result["error"] = e
-
-            t = threading.Thread(target=sender, daemon=True)
-            t.start()
+            t, result = send_in_background(c.sock, block, size // MiB)
             time.sleep(2.0)
-            stalled = _growth(p, baseline, hwm_before, sampler)
+            stalled = peak_growth_kib(p, baseline, hwm_before, sampler)
             t.join(60)
             final = c.read_response()
     assert result.get("sent"), result

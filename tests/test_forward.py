@@ -25,6 +25,8 @@ from conftest import (
     assert_proxy_works,
     assert_short_text_error,
     build_request,
+    peak_growth_kib,
+    send_in_background,
 )
 from origin import iterPattern, patternBytes, patternSha256
 
@@ -986,12 +988,6 @@ def _warm_up(route: Route) -> None:
         assert r.status == 200
 
 
-def _peak_growth(p, baseline_kib, hwm_before, sampler) -> int:
-    peak = sampler.max_kib
-    hwm_after = p.hwm_kib()
-    if hwm_after > hwm_before:  # the high-water mark moved during the transfer
-        peak = max(peak, hwm_after)
-    return peak - baseline_kib
 
 
 @pytest.mark.slow
@@ -1026,7 +1022,7 @@ def test_memory_1gib_download_and_upload(proxy_factory, origin):
         up_s = time.monotonic() - started
     assert resp.status == 200
     assert resp.json() == {"length": GiB}
-    growth = _peak_growth(p, baseline, hwm_before, sampler)
+    growth = peak_growth_kib(p, baseline, hwm_before, sampler)
     print(f"download {down_s:.1f}s, upload {up_s:.1f}s, RSS baseline {baseline} KiB, "
           f"peak growth {growth} KiB")
     assert growth <= RSS_BUDGET_KIB, (
@@ -1050,11 +1046,11 @@ def test_memory_backpressure_stalled_client_download(proxy_factory, origin):
             head = c.read_head()
             assert head.status == 200
             time.sleep(2.5)  # stall: without back-pressure the proxy buffers ~everything
-            stalled_growth = _peak_growth(p, baseline, hwm_before, sampler)
+            stalled_growth = peak_growth_kib(p, baseline, hwm_before, sampler)
             c.discard_exact(size)
     assert stalled_growth <= RSS_BUDGET_KIB, (
         f"proxy RSS grew by {stalled_growth / 1024:.1f} MiB while the client did not read")
-    assert _peak_growth(p, baseline, hwm_before, sampler) <= RSS_BUDGET_KIB
+    assert peak_growth_kib(p, baseline, hwm_before, sampler) <= RSS_BUDGET_KIB
 
 
 def test_memory_backpressure_slow_origin_upload(proxy_factory, origin):
@@ -1067,24 +1063,14 @@ def test_memory_backpressure_slow_origin_upload(proxy_factory, origin):
     hwm_before = p.hwm_kib()
     size = 300 * MiB
     block = patternBytes(MiB)
-    result = {}
 
     with RSSSampler(p.pid) as sampler:
         with route.connect(timeout=60) as c:
             c.send(route.request("PUT", "/count?pause_ms=2500", [("Content-Length", str(size))]))
 
-            def sender():
-                try:
-                    for _ in range(size // MiB):
-                        c.sock.sendall(block)
-                    result["sent"] = True
-                except OSError as e:
-                    result["error"] = e
-
-            t = threading.Thread(target=sender, daemon=True)
-            t.start()
+            t, result = send_in_background(c.sock, block, size // MiB)
             time.sleep(2.0)  # the origin is not reading yet
-            stalled_growth = _peak_growth(p, baseline, hwm_before, sampler)
+            stalled_growth = peak_growth_kib(p, baseline, hwm_before, sampler)
             t.join(60)
             resp = c.read_response()
     assert result.get("sent"), result
