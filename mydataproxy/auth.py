@@ -6,6 +6,11 @@ Accepted hashes: bcrypt (C{$2y$}, C{$2b$}, C{$2a$}), SHA-256-crypt (C{$5$}) and
 SHA-512-crypt (C{$6$}) after Drepper's "Unix crypt using SHA-256 and SHA-512",
 Apache MD5 (C{$apr1$}) and the legacy, weak C{{SHA}}.  Plaintext and crypt(3)
 DES entries are refused when the file is loaded.
+
+L{ProxyAuthenticator} is what a listener asks: it checks hashes in a small
+thread pool of its own with a bounded queue (503 beyond it), remembers
+successes, and limits failed attempts per client (429), so neither a flood of
+logins nor a password-guessing client can take the reactor's time.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import math
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -24,10 +30,33 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 import bcrypt
+import txaio
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from mydataproxy.target import Refusal
+
+txaio.use_twisted()
+log = txaio.make_logger()
 
 # Successful verifications remembered per loaded file, and for how long.
 CACHE_SIZE = 1024
 CACHE_TTL = 300.0
+
+# Hash checks run in this many threads of the authenticator's own pool, with
+# at most AUTH_QUEUE more waiting (a wait of AUTH_QUEUE / AUTH_THREADS checks:
+# 1.3 s at bcrypt cost 10); beyond that, 503 with Retry-After.
+AUTH_THREADS = 2
+AUTH_QUEUE = 32
+BUSY_RETRY_AFTER = 1
+# Failed attempts allowed per client address in a window of this many
+# seconds; then 429 with Retry-After until the window ends.  At most
+# FAILURE_CLIENTS addresses are remembered (the oldest forgotten first).
+FAILURE_LIMIT = 10
+FAILURE_WINDOW = 60.0
+FAILURE_CLIENTS = 65536
 
 _Check = Callable[[bytes], bool]
 
@@ -255,13 +284,20 @@ class Htpasswd:
             dummy = checks[next(u for u, k in kinds.items() if k == commonest)]
         return cls(path, MappingProxyType(checks), dummy, clock)
 
+    def credentialKey(self, user: str, password: str) -> tuple[str, bytes]:
+        """
+        A key standing for these credentials (the password as a keyed
+        digest, never in clear), equal for equal credentials.
+        """
+        secret = password.encode("utf-8", "surrogatepass")
+        return (user, hmac.digest(self._cacheKey, secret, "sha256"))
+
     def recentlyVerified(self, user: str, password: str) -> bool:
         """
         Whether L{verify} accepted these credentials within C{CACHE_TTL}:
         cheap enough for the reactor thread, unlike a bcrypt check.
         """
-        secret = password.encode("utf-8", "surrogatepass")
-        key = (user, hmac.digest(self._cacheKey, secret, "sha256"))
+        key = self.credentialKey(user, password)
         with self._lock:
             verifiedAt = self._cache.get(key)
             if verifiedAt is not None and self._clock() - verifiedAt < CACHE_TTL:
@@ -281,7 +317,7 @@ class Htpasswd:
         if self.recentlyVerified(user, password):
             return True
         secret = password.encode("utf-8", "surrogatepass")
-        key = (user, hmac.digest(self._cacheKey, secret, "sha256"))
+        key = self.credentialKey(user, password)
         now = self._clock()
         check = self._checks.get(user)
         if check is None:
@@ -338,3 +374,162 @@ def challenge(realm: str) -> bytes:
         raise ValueError("realm contains control characters")
     quoted = realm.replace("\\", "\\\\").replace('"', '\\"')
     return f'Basic realm="{quoted}", charset="UTF-8"'.encode("utf-8")
+
+
+class _Failures:
+    """One client's failed attempts in the current window."""
+
+    __slots__ = ("since", "count")
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.count = 0
+
+
+class ProxyAuthenticator:
+    """
+    Proxy authentication for one listener against one L{Htpasswd}.
+
+    Cached successes are answered at once; other checks run in a dedicated
+    pool of C{AUTH_THREADS} threads with at most C{AUTH_QUEUE} more waiting
+    (beyond that: 503), identical credentials checked at the same time share
+    one check, and a client with C{FAILURE_LIMIT} failed attempts within
+    C{FAILURE_WINDOW} seconds gets 429 until its window ends, for every
+    request that needs authentication (a cache hit too: otherwise the cache
+    would answer unlimited guesses).  A check in progress counts as a
+    failure until it succeeds, so parallel guesses are bounded as well.
+
+    @ivar busy: requests refused with 503 so far.
+    @ivar limited: requests refused with 429 so far.
+    @ivar failed: failed hash checks so far.
+    """
+
+    def __init__(self, htpasswd: Htpasswd, realm: str, reactor, pool: ThreadPool | None = None) -> None:
+        """
+        @param htpasswd: the users.
+        @param realm: the realm of the C{Proxy-Authenticate} challenge.
+        @param reactor: provides C{seconds} and C{callFromThread}.
+        @param pool: where hashes are checked (default: a new pool of
+            C{AUTH_THREADS} threads); L{start} and L{stop} run it.
+        @raise ValueError: if the realm contains control characters.
+        """
+        self.htpasswd = htpasswd
+        self._challenge = [(b"Proxy-Authenticate", challenge(realm))]
+        self._reactor = reactor
+        self._pool = pool if pool is not None else ThreadPool(0, AUTH_THREADS, "proxy-auth")
+        self._checking = 0
+        self._waiters: dict[tuple[str, bytes], list[tuple[str, Deferred]]] = {}
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        self.busy = 0
+        self.limited = 0
+        self.failed = 0
+
+    def start(self) -> None:
+        """Start the check threads."""
+        self._pool.start()
+
+    def stop(self) -> None:
+        """Stop the check threads (waits for the checks running now)."""
+        self._pool.stop()
+
+    def authenticate(self, credentials: list[bytes] | None, client: str) -> Deferred:
+        """
+        The user a request's C{Proxy-Authorization} values prove.
+
+        @param credentials: the field's values, or L{None} if absent.
+        @param client: the client's address, for the failed-attempt limit.
+        @return: a Deferred (already fired for cached credentials) firing
+            with the user name, or failing with a L{Refusal}: 407 with a
+            challenge, 429 or 503 with C{Retry-After}.
+        """
+        parsed = parseBasic(credentials[0]) if credentials else None
+        if parsed is None:
+            return fail(self.authenticationRequired())
+        user, password = parsed
+        wait = self._lockedFor(client)
+        if wait:
+            self.limited += 1
+            return fail(
+                Refusal(
+                    429,
+                    "too many failed authentication attempts",
+                    f"forward.auth_file: {FAILURE_LIMIT} failures in {FAILURE_WINDOW:.0f} s",
+                    fields=[(b"Retry-After", b"%d" % wait)],
+                )
+            )
+        if self.htpasswd.recentlyVerified(user, password):
+            return succeed(user)
+        key = self.htpasswd.credentialKey(user, password)
+        result: Deferred = Deferred()
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.append((client, result))
+            return result
+        if self._checking >= AUTH_THREADS + AUTH_QUEUE:
+            self.busy += 1
+            return fail(
+                Refusal(
+                    503,
+                    "authentication busy",
+                    f"forward.auth_file: {AUTH_THREADS + AUTH_QUEUE} checks in progress",
+                    fields=[(b"Retry-After", b"%d" % BUSY_RETRY_AFTER)],
+                )
+            )
+        self._waiters[key] = [(client, result)]
+        self._checking += 1
+        charged = self._charge(client)
+        deferToThreadPool(self._reactor, self._pool, self.htpasswd.verify, user, password).addBoth(
+            self._checked, key, user, client, charged
+        )
+        return result
+
+    def authenticationRequired(self) -> Refusal:
+        """The 407 refusal, with this listener's challenge."""
+        return Refusal(407, "proxy authentication required", "forward.auth_file", fields=self._challenge)
+
+    def _checked(
+        self, outcome: bool | Failure, key: tuple[str, bytes], user: str, client: str, charged: _Failures
+    ) -> None:
+        self._checking -= 1
+        waiters = self._waiters.pop(key)
+        if isinstance(outcome, Failure):
+            # A bug, not the client's fault: not counted against it.
+            log.failure("checking the password of {user!r} failed", outcome, user=user)
+            charged.count -= 1
+            for _, result in waiters:
+                result.errback(Refusal(500, "authentication failed", "forward.auth_file"))
+            return
+        if outcome:
+            charged.count -= 1
+        else:
+            self.failed += 1
+        for waiter, result in waiters:
+            if outcome:
+                result.callback(user)
+                continue
+            if waiter != client:
+                self._charge(waiter)
+            result.errback(self.authenticationRequired())
+
+    def _lockedFor(self, client: str) -> int:
+        """Seconds C{client} must wait before trying again; 0 if it may."""
+        failures = self._failures.get(client)
+        if failures is None or failures.count < FAILURE_LIMIT:
+            return 0
+        remaining = failures.since + FAILURE_WINDOW - self._reactor.seconds()
+        if remaining <= 0:
+            del self._failures[client]
+            return 0
+        return max(1, math.ceil(remaining))
+
+    def _charge(self, client: str) -> _Failures:
+        """Count a failure against C{client}; the window it went into."""
+        now = self._reactor.seconds()
+        failures = self._failures.get(client)
+        if failures is None or now - failures.since >= FAILURE_WINDOW:
+            failures = self._failures[client] = _Failures(now)
+            self._failures.move_to_end(client)
+            if len(self._failures) > FAILURE_CLIENTS:
+                self._failures.popitem(last=False)
+        failures.count += 1
+        return failures

@@ -1,6 +1,7 @@
 """
-Unit tests of htpasswd loading, password verification and Basic proxy
-credentials (L{mydataproxy.auth}).
+Unit tests of htpasswd loading, password verification, Basic proxy
+credentials and the authenticator's pool and failed-attempt limit
+(L{mydataproxy.auth}).
 """
 
 from __future__ import annotations
@@ -8,15 +9,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import queue
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import bcrypt
 import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from mydataproxy import auth
-from mydataproxy.auth import Htpasswd, HtpasswdError, challenge, parseBasic
+from mydataproxy.auth import Htpasswd, HtpasswdError, ProxyAuthenticator, challenge, parseBasic
+from mydataproxy.target import Refusal
 
 LONG_TEXT = "a very much longer text to encrypt.  This one even stretches over morethan one line."
 
@@ -476,3 +482,217 @@ def test_challengeEscapesQuotedString() -> None:
 def test_challengeRefusesControlCharacters(realm: str) -> None:
     with pytest.raises(ValueError):
         challenge(realm)
+
+
+# ---------------------------------------------------------------------------
+# ProxyAuthenticator: dedicated bounded pool, failed-attempt limit
+# ---------------------------------------------------------------------------
+
+
+class ImmediateReactor(MemoryReactorClock):
+    """A clock whose C{callFromThread} runs at once (the fake pool has no threads)."""
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        f(*args, **kwargs)
+
+
+class FakePool:
+    """Holds submitted checks until the test runs them."""
+
+    def __init__(self) -> None:
+        self.work: list = []
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kwargs) -> None:
+        self.work.append((onResult, f, args, kwargs))
+
+    def runAll(self) -> None:
+        work, self.work = self.work, []
+        for onResult, f, args, kwargs in work:
+            try:
+                result = f(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - handed over as ThreadPool does
+                onResult(False, Failure())
+            else:
+                onResult(True, result)
+
+
+@dataclasses.dataclass
+class Outcome:
+    user: str | None = None
+    refusal: Refusal | None = None
+
+    @property
+    def status(self) -> int | None:
+        return self.refusal.status if self.refusal is not None else None
+
+    def field(self, name: bytes) -> bytes | None:
+        return dict(self.refusal.fields).get(name) if self.refusal is not None else None
+
+
+def outcome(d) -> Outcome:
+    """What C{d} fired with so far (nothing yet: both None)."""
+    seen = Outcome()
+
+    def refused(failure):
+        failure.trap(Refusal)
+        seen.refusal = failure.value
+
+    d.addCallbacks(lambda user: setattr(seen, "user", user), refused)
+    return seen
+
+
+def credentials(user: str, password: str) -> list[bytes]:
+    return [b"Basic " + base64.b64encode(f"{user}:{password}".encode())]
+
+
+@pytest.fixture
+def authenticator(tmp_path: Path) -> tuple[ProxyAuthenticator, FakePool, ImmediateReactor]:
+    users = [f"user{i}:{bcryptHash(f'pw{i}'.encode())}" for i in range(3)]
+    pool = FakePool()
+    reactor = ImmediateReactor()
+    a = ProxyAuthenticator(load(tmp_path, *users), "Test Realm", reactor, pool)
+    a.start()
+    return a, pool, reactor
+
+
+def test_authenticatorChecksInItsOwnPoolThenCaches(authenticator) -> None:
+    a, pool, _ = authenticator
+    first = outcome(a.authenticate(credentials("user0", "pw0"), "10.0.0.1"))
+    assert first == Outcome() and len(pool.work) == 1, "the check must wait for the pool"
+    pool.runAll()
+    assert first.user == "user0"
+    again = outcome(a.authenticate(credentials("user0", "pw0"), "10.0.0.1"))
+    assert again.user == "user0" and not pool.work, "a cached success is answered at once"
+
+
+def test_authenticatorChallengesMissingOrUnparsableCredentials(authenticator) -> None:
+    a, pool, _ = authenticator
+    for given in (None, [b"Bearer abc"], [b"Basic !!!"]):
+        seen = outcome(a.authenticate(given, "10.0.0.1"))
+        assert seen.status == 407
+        assert seen.field(b"Proxy-Authenticate") == b'Basic realm="Test Realm", charset="UTF-8"'
+    assert not pool.work
+    # Not failures: a client without credentials is never locked out.
+    for _ in range(2 * auth.FAILURE_LIMIT):
+        assert outcome(a.authenticate(None, "10.0.0.1")).status == 407
+
+
+def test_burstOfWrongPasswordsGets429WhileAnotherClientAuthenticates(authenticator) -> None:
+    a, pool, reactor = authenticator
+    for attempt in range(auth.FAILURE_LIMIT):
+        seen = outcome(a.authenticate(credentials("user0", f"guess{attempt}"), "10.0.0.66"))
+        pool.runAll()
+        assert seen.status == 407, attempt
+    assert a.failed == auth.FAILURE_LIMIT
+    reactor.advance(10)
+    locked = outcome(a.authenticate(credentials("user0", "guess-more"), "10.0.0.66"))
+    assert locked.status == 429
+    assert locked.field(b"Retry-After") == b"%d" % (auth.FAILURE_WINDOW - 10)
+    assert not pool.work, "a locked client costs no hash"
+    # The right password does not help the locked client (no oracle)...
+    assert outcome(a.authenticate(credentials("user0", "pw0"), "10.0.0.66")).status == 429
+    # ...while another client is served as ever.
+    other = outcome(a.authenticate(credentials("user0", "pw0"), "10.0.0.7"))
+    pool.runAll()
+    assert other.user == "user0"
+    assert a.limited == 2
+    # When the window has passed, the client may try again.
+    reactor.advance(auth.FAILURE_WINDOW - 10)
+    retried = outcome(a.authenticate(credentials("user1", "pw1"), "10.0.0.66"))
+    pool.runAll()
+    assert retried.user == "user1"
+
+
+def test_parallelGuessesAreCountedBeforeTheyFinish(authenticator) -> None:
+    a, pool, _ = authenticator
+    pending = [outcome(a.authenticate(credentials("user0", f"g{i}"), "10.0.0.66"))
+               for i in range(auth.FAILURE_LIMIT)]
+    assert len(pool.work) == auth.FAILURE_LIMIT
+    assert outcome(a.authenticate(credentials("user0", "g-next"), "10.0.0.66")).status == 429
+    pool.runAll()
+    assert [p.status for p in pending] == [407] * auth.FAILURE_LIMIT
+
+
+def test_successesAreNotCountedAsFailures(authenticator, tmp_path: Path) -> None:
+    _, pool, reactor = authenticator
+    many = [f"u{i}:{bcryptHash(b'right')}" for i in range(2 * auth.FAILURE_LIMIT)]
+    a = ProxyAuthenticator(Htpasswd.load(write(tmp_path, *many, name="many")), "r", reactor, pool)
+    for i in range(2 * auth.FAILURE_LIMIT):
+        seen = outcome(a.authenticate(credentials(f"u{i}", "right"), "10.0.0.1"))
+        pool.runAll()
+        assert seen.user == f"u{i}", i
+
+
+def test_identicalCredentialsShareOneCheck(authenticator, hashpwCalls: list[bytes]) -> None:
+    a, pool, _ = authenticator
+    # A gateway opening many connections at once with the same credentials.
+    waiting = [outcome(a.authenticate(credentials("user2", "pw2"), "10.0.0.1")) for _ in range(50)]
+    assert len(pool.work) == 1
+    pool.runAll()
+    assert {w.user for w in waiting} == {"user2"}
+    assert hashpwCalls == [b"pw2"]
+    # A shared wrong guess counts against every client that sent it.
+    guesses = [outcome(a.authenticate(credentials("user2", "nope"), client))
+               for client in ("10.0.0.1", "10.0.0.2")]
+    pool.runAll()
+    assert [g.status for g in guesses] == [407, 407]
+    assert a._failures["10.0.0.2"].count == 1
+
+
+def test_queueIsBoundedWith503(authenticator) -> None:
+    a, pool, _ = authenticator
+    bound = auth.AUTH_THREADS + auth.AUTH_QUEUE
+    queued = [outcome(a.authenticate(credentials("user0", f"x{i}"), f"10.1.{i // 200}.{i % 200}"))
+              for i in range(bound)]
+    assert len(pool.work) == bound
+    busy = outcome(a.authenticate(credentials("user1", "pw1"), "10.0.0.9"))
+    assert busy.status == 503 and busy.refusal.reason == "authentication busy"
+    assert busy.field(b"Retry-After") == b"%d" % auth.BUSY_RETRY_AFTER
+    assert a.busy == 1
+    pool.runAll()
+    assert all(q.status == 407 for q in queued)
+    served = outcome(a.authenticate(credentials("user1", "pw1"), "10.0.0.9"))
+    pool.runAll()
+    assert served.user == "user1"
+
+
+def test_aCheckThatRaisesIsA500AndNotCounted(tmp_path: Path) -> None:
+    class Broken(Htpasswd):
+        def verify(self, user: str, password: str) -> bool:
+            raise RuntimeError("bug")
+
+    pool = FakePool()
+    a = ProxyAuthenticator(Broken.load(write(tmp_path, f"alice:{bcryptHash(b'pw')}")), "r", ImmediateReactor(), pool)
+    for i in range(auth.FAILURE_LIMIT + 1):
+        seen = outcome(a.authenticate(credentials("alice", f"p{i}"), "10.0.0.1"))
+        pool.runAll()
+        assert seen.status == 500, i
+
+
+def test_realPoolRunsChecksOffTheCallingThread(tmp_path: Path) -> None:
+    """With the default pool: checks run in a "proxy-auth" thread; stop() joins it."""
+    handed: queue.Queue = queue.Queue()
+
+    class ThreadedReactor(MemoryReactorClock):
+        def callFromThread(self, f, *args, **kwargs) -> None:
+            handed.put((f, args, kwargs, threading.current_thread().name))
+
+    a = ProxyAuthenticator(load(tmp_path, f"alice:{bcryptHash(b'pw')}"), "r", ThreadedReactor())
+    a.start()
+    try:
+        seen = outcome(a.authenticate(credentials("alice", "pw"), "10.0.0.1"))
+        f, args, kwargs, thread = handed.get(timeout=10)
+        assert "proxy-auth" in thread, thread
+        assert seen == Outcome(), "the result must come back through callFromThread"
+        f(*args, **kwargs)
+        assert seen.user == "alice"
+    finally:
+        a.stop()
+    assert not [t for t in threading.enumerate() if "proxy-auth" in t.name]
