@@ -21,8 +21,15 @@ from dataclasses import dataclass
 import txaio
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from service_identity import VerificationError
-from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from service_identity.hazmat import (
+    DNS_ID,
+    CertificateError,
+    DNSPattern,
+    IPAddress_ID,
+    IPAddressPattern,
+    VerificationError,
+    verify_service_identity,
+)
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
@@ -221,6 +228,38 @@ class _OriginClientTLS:
         return connection
 
 
+def _namesMatch(certificate: x509.Certificate, host: str) -> bool:
+    """
+    Whether C{certificate}'s subjectAltName covers C{host} (RFC 6125): an IP
+    address against the iPAddress entries only, a name against the dNSName
+    entries.  DNS entries service_identity cannot parse (an IP address
+    written as a dNSName is common on internal backends) are skipped rather
+    than failing the whole check.
+    """
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    if _isIP(host):
+        patterns = [IPAddressPattern(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+        identity = IPAddress_ID(host)
+    else:
+        patterns = []
+        for name in names.get_values_for_type(x509.DNSName):
+            try:
+                patterns.append(DNSPattern.from_bytes(name.encode("utf-8")))
+            except CertificateError:
+                continue
+        identity = DNS_ID(host)
+    if not patterns:
+        return False
+    try:
+        verify_service_identity(patterns, obligatory_ids=[identity], optional_ids=[])
+    except VerificationError:
+        return False
+    return True
+
+
 def _isIP(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -312,27 +351,24 @@ class OriginTLS:
     def checkPeer(self, host: str, connection: SSL.Connection) -> str | None:
         """
         What is wrong with the origin at C{host} once its handshake is done:
-        host name (when verifying), pins, serialNumber; L{None} if nothing.
+        host name or IP address (when verifying), pins, serialNumber;
+        L{None} if nothing.  Never raises: a certificate that cannot be
+        checked is a problem named in the result.
         """
         profile = self.profileFor(host)
-        if profile.verify:
-            try:
-                if _isIP(host):
-                    verify_ip_address(connection, host)
-                else:
-                    verify_hostname(connection, host)
-            except VerificationError:
-                return "hostname mismatch"
-        if not (profile.pins or profile.serial_number):
-            return None
         certificate = connection.get_peer_certificate()
         if certificate is None:
-            return "no certificate presented"
-        leaf = certificate.to_cryptography()
-        if profile.pins and fingerprint(leaf) not in profile.pins:
-            return f"certificate pin mismatch ({fingerprint(leaf)} is not pinned)"
-        if profile.serial_number and describe(leaf)["serialNumber"] != profile.serial_number:
-            return f"subject serialNumber is not {profile.serial_number}"
+            return "no certificate presented" if profile.verify or profile.pins or profile.serial_number else None
+        try:
+            leaf = certificate.to_cryptography()
+            if profile.verify and not _namesMatch(leaf, host):
+                return "hostname mismatch"
+            if profile.pins and fingerprint(leaf) not in profile.pins:
+                return f"certificate pin mismatch ({fingerprint(leaf)} is not pinned)"
+            if profile.serial_number and describe(leaf)["serialNumber"] != profile.serial_number:
+                return f"subject serialNumber is not {profile.serial_number}"
+        except Exception as e:  # noqa: BLE001 - any parsing trouble fails the check, never the proxy
+            return f"certificate could not be checked ({type(e).__name__}: {e})"[:200]
         return None
 
     def reload(self) -> bool:

@@ -774,6 +774,70 @@ def test_outbound_hostname_mismatch(outbound, origins):
     assert wait_output(outbound, r"502 GET https://nomatch\.test:\d+/echo\?nomatch: .*hostname mismatch")
 
 
+@pytest.fixture(scope="module")
+def ip_in_dns_san(tmp_path_factory):
+    """
+    An origin on 127.0.0.1 whose certificate lists the address both as a
+    dNSName and as an iPAddress (as internal backends often do), a second
+    one with the address only as a dNSName, and the CA of both.
+    """
+    d = tmp_path_factory.mktemp("ip-in-dns-san")
+    ca = make_ca("IP SAN CA")
+    (d / "ca.pem").write_bytes(ca.cert_pem())
+    started = []
+
+    def start(label: str, general: list) -> OriginProcess:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(label))
+            .issuer_name(ca.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1))
+            .not_valid_after(NOW + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(general), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca.key, hashes.SHA256())
+        )
+        leaf = Issued(key, cert, ca)
+        (d / f"{label}.cert.pem").write_bytes(b"".join(c.public_bytes(PEM) for c in leaf.chain))
+        (d / f"{label}.key.pem").write_bytes(leaf.key_pem())
+        origin = OriginProcess(d / label, tls=TLSFiles(d / "ca.pem", d / f"{label}.cert.pem", d / f"{label}.key.pem"))
+        started.append(origin)
+        return origin
+
+    loopback = ipaddress.ip_address(LOOPBACK)
+    both = start("both", [x509.DNSName(LOOPBACK), x509.IPAddress(loopback), x509.DNSName("both.test")])
+    dnsOnly = start("dns-only", [x509.DNSName(LOOPBACK)])
+    yield SimpleNamespace(ca=d / "ca.pem", both=both, dnsOnly=dnsOnly, dir=d)
+    for origin in started:
+        origin.stop()
+
+
+def test_outbound_ip_address_in_a_dns_san(proxy_factory, ip_in_dns_san):
+    """
+    An IP target is checked against the iPAddress SANs; a dNSName holding an
+    address (which service_identity cannot parse) neither breaks the check
+    nor counts as a match.
+    """
+    hosts = ip_in_dns_san.dir / "hosts"
+    hosts.write_text("127.0.0.1 localhost both.test dns-only.test\n")
+    proxy = proxy_factory(upstream={"tls": {"trust_store": str(ip_in_dns_san.ca)}},
+                          resolver={"hosts_file": str(hosts)})
+    both, dnsOnly = ip_in_dns_san.both.port, ip_in_dns_san.dnsOnly.port
+    ok = via(proxy, f"https://{LOOPBACK}:{both}/echo?by-ip")
+    assert ok.status == 200, ok.body[:300]
+    assert ok.json()["tls"] is True
+    byName = via(proxy, f"https://both.test:{both}/echo?by-name")
+    assert byName.status == 200, byName.body[:300]
+    # The address only as a dNSName: not a match for the IP, a 502 that says why.
+    assert_502(via(proxy, f"https://{LOOPBACK}:{dnsOnly}/echo?dns-only"), "hostname mismatch")
+    assert_502(via(proxy, f"https://dns-only.test:{dnsOnly}/echo?dns-only-name"), "hostname mismatch")
+    assert wait_output(proxy, r"502 GET https://127\.0\.0\.1:\d+/echo\?dns-only: .*hostname mismatch"), output_tail(proxy)
+    assert "Unhandled" not in proxy.output() and "Traceback" not in proxy.output(), output_tail(proxy)
+
+
 def test_outbound_pins(outbound, origins):
     ok = via(outbound, f"https://pinned.test:{origins.a.port}/echo?pinned")
     assert ok.status == 200, ok.body[:300]
