@@ -16,6 +16,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from twisted.internet import endpoints
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+
 from mydataproxy.hosts import normaliseHost
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -102,14 +107,30 @@ class OriginTLSProfile:
     serial_number: str = ""
 
 
+#: Ports absolute-form and header-routed requests may reach by default: the
+#: HTTP and HTTPS ports and their usual alternatives.  Squid's Safe_ports
+#: also has 1025-65535, which would open Redis (6379), Elasticsearch (9200)
+#: and the like to cross-protocol requests.
+DEFAULT_HTTP_PORTS: tuple[tuple[int, int], ...] = ((80, 80), (443, 443), (8080, 8080), (8443, 8443))
+
+
 @dataclass(frozen=True)
 class ForwardSettings:
-    """The forward-proxy listener (absolute-form, x-target-host and CONNECT)."""
+    """
+    The forward-proxy listener (absolute-form, x-target-host and CONNECT).
+
+    @ivar http_ports: Ports absolute-form and header-routed requests may
+        reach, as inclusive C{(low, high)} ranges, sorted and merged.
+    @ivar header_filter: Lower-cased request field names never forwarded;
+        never C{content-length}, C{transfer-encoding} or C{host}, which the
+        proxy writes itself.
+    """
 
     listen: str = "tcp:9000:interface=127.0.0.1"
     client_allow: tuple[IPNetwork, ...] = ()
     connect_ports: frozenset[int] = frozenset({443})
-    header_filter: frozenset[bytes] = frozenset({b"host", b"x-target-host"})
+    http_ports: tuple[tuple[int, int], ...] = DEFAULT_HTTP_PORTS
+    header_filter: frozenset[bytes] = frozenset({b"x-target-host"})
     client_idle_timeout: float = 60.0
     trusted_proxies: tuple[IPNetwork, ...] = ()
     auth_file: str = ""
@@ -315,6 +336,24 @@ class _Checker:
             raise self.error(dotted, f"port out of range in {value!r}")
         return frozenset(ports)
 
+    def portRanges(self, dotted: str, value: Any) -> tuple[tuple[int, int], ...]:
+        """Port numbers and C{"low-high"} strings as sorted, merged ranges."""
+        if not isinstance(value, list) or not value:
+            raise self.error(dotted, 'must be a non-empty list of ports and "low-high" ranges')
+        ranges = []
+        for item in value:
+            try:
+                ranges.append(parsePortRange(item))
+            except ValueError as e:
+                raise self.error(dotted, str(e)) from None
+        merged: list[tuple[int, int]] = []
+        for low, high in sorted(ranges):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+            else:
+                merged.append((low, high))
+        return tuple(merged)
+
     def hostPatterns(self, dotted: str, value: Any) -> tuple[str, ...]:
         """Normalised host names and C{*.suffix} patterns."""
         hosts = []
@@ -331,6 +370,51 @@ class _Checker:
         if value not in choices:
             raise self.error(dotted, f"must be one of {', '.join(choices)}, not {value!r}")
         return value
+
+
+def parsePortRange(item: Any) -> tuple[int, int]:
+    """
+    A port (C{443}) or an inclusive range (C{"8000-8099"}) as C{(low, high)}.
+
+    @raise ValueError: If C{item} is neither, or is outside 1-65535.
+    """
+    if isinstance(item, int) and not isinstance(item, bool):
+        low = high = item
+    elif isinstance(item, str) and re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", item.strip()):
+        low, high = map(int, item.strip().split("-"))
+    else:
+        raise ValueError(f'{item!r} is neither a port number nor a "low-high" range')
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{item!r}: ports run from 1 to 65535, low to high")
+    return low, high
+
+
+#: Fields the proxy writes itself, from what it parsed (framing) and from the
+#: target (Host): a filter that removed them would let a client's bytes be
+#: read as another request.
+PROXY_WRITTEN_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+# RFC 9110 section 5.6.2: field names are tokens.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def headerFilterName(name: str) -> bytes:
+    """
+    The lower-cased field name a C{header_filter} entry stands for
+    (surrounding blanks ignored).
+
+    @raise ValueError: If C{name} is not a field name (an RFC 9110 token),
+        or is one of L{PROXY_WRITTEN_FIELDS}.
+    """
+    token = name.strip()
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"{name!r} is not a valid header field name (RFC 9110 token)")
+    lower = token.lower().encode("ascii")
+    if lower in PROXY_WRITTEN_FIELDS:
+        raise ValueError(
+            f"{token!r} cannot be filtered: the proxy writes Content-Length, Transfer-Encoding and Host itself"
+        )
+    return lower
 
 
 def parseNetwork(text: str) -> IPNetwork:
@@ -366,9 +450,20 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
             values[key] = check.networks(dotted, value)
         elif key == "connect_ports":
             values[key] = check.ports(dotted, value)
+        elif key == "http_ports":
+            values[key] = check.portRanges(dotted, value)
         elif key == "header_filter":
-            names = check.stringList(dotted, value)
-            values[key] = frozenset(n.strip().lower().encode("ascii") for n in names)
+            names = []
+            for name in check.stringList(dotted, value):
+                if name.strip().lower() == "host":
+                    # The proxy sets Host from the target whatever the
+                    # filter says; the test harness's configs still list it.
+                    continue
+                try:
+                    names.append(headerFilterName(name))
+                except ValueError as e:
+                    raise check.error(dotted, str(e)) from None
+            values[key] = frozenset(names)
         elif key == "client_idle_timeout":
             values[key] = check.number(dotted, value, 0.001, integer=False)
         elif key == "auth_file":
@@ -622,6 +717,9 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
         dotted = f"logging.{key}"
         if key == "access_log":
             values[key] = resolvePath(check.string(dotted, value), base)
+            problem = logDirectoryProblem(values[key])
+            if problem:
+                raise check.error(dotted, problem)
         elif key == "level":
             level = check.string(dotted, value).lower()
             if level not in LOG_LEVELS:
@@ -630,6 +728,88 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def logDirectoryProblem(path: str) -> str | None:
+    """
+    Why the log file C{path} (absolute, or C{"-"}) could not be opened for
+    lack of its directory, or L{None}.
+    """
+    if path == STDOUT:
+        return None
+    directory = Path(path).parent
+    if not directory.exists():
+        return f"the directory {directory} does not exist"
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    return None
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """
+    The TCP address a listener binds.
+
+    @ivar interface: An IP address; C{""} means every IPv4 interface.
+    """
+
+    interface: str
+    port: int
+
+
+def parseListen(description: str) -> ListenAddress | None:
+    """
+    Parse a listener's endpoint description as twistd will, and listen on a
+    memory reactor only: the port must be in 0-65535 and the interface an
+    IP address, else the real listen would fail at start.
+
+    @return: The TCP address it binds, or L{None} for a listener without
+        one (e.g. a UNIX socket).
+    @raise ValueError: Saying what is wrong.
+    """
+    reactor = MemoryReactor()
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        # Each endpoint type's parser raises what its argument handling
+        # does: ValueError, TypeError, IndexError, OSError for a missing
+        # certificate file, OpenSSL errors...
+        raise ValueError(f"not a valid endpoint description: {e}") from None
+    outcome: list[Any] = []
+    endpoint.listen(Factory()).addBoth(outcome.append)
+    if outcome and isinstance(outcome[0], Failure):
+        raise ValueError(f"cannot listen: {outcome[0].getErrorMessage()}")
+    # Both record (port, ..., interface).
+    servers = [(server[0], server[-1]) for server in reactor.tcpServers + reactor.sslServers]
+    if not servers:
+        return None
+    port, interface = servers[0]
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ValueError(f"interface {interface!r} is not an IP address") from None
+    return ListenAddress(interface, port)
+
+
+def isOpenProxy(forward: ForwardSettings) -> bool:
+    """
+    Does the forward listener serve anyone who can reach it: bound beyond
+    loopback, with no client allow-list (or one admitting every address),
+    no proxy authentication and no required client certificate?
+
+    @raise ValueError: If C{forward.listen} is not valid (see L{parseListen}).
+    """
+    address = parseListen(forward.listen)
+    if address is None:
+        return False
+    if address.interface and ipaddress.ip_address(address.interface).is_loopback:
+        return False
+    everyone = not forward.client_allow or any(n.prefixlen == 0 for n in forward.client_allow)
+    certificates = forward.tls is not None and forward.tls.client_auth == "need"
+    return everyone and not forward.auth_file and not certificates
 
 
 def resolvePath(path: str, base: Path) -> str:
@@ -669,21 +849,26 @@ def settingsFromMapping(
             raise check.error(name, "unknown section")
     settings = Settings(source=source, **sections)
     validate(settings, check)
+    if isOpenProxy(settings.forward):
+        line = check.lineOf("forward.listen")
+        where = f"{source}:{line}" if line is not None else source
+        notice = (
+            f"{where}: OPEN PROXY: forward.listen {settings.forward.listen!r} is reachable beyond loopback,"
+            " forward.client_allow admits every client and forward.auth_file is not set: anyone who can"
+            " reach the port can use this proxy; set forward.client_allow or forward.auth_file"
+        )
+        settings = replace(settings, notices=(notice,))
     return settings
 
 
 def validate(settings: Settings, check: _Checker) -> None:
     """Checks that need more than one key's value, other files, or the reactor."""
-    from twisted.internet import endpoints, reactor
-
     from mydataproxy.auth import Htpasswd, HtpasswdError
 
     try:
-        endpoints.serverFromString(reactor, settings.forward.listen)
-    except (ValueError, TypeError, KeyError) as e:
-        raise check.error(
-            "forward.listen", f"not a valid endpoint description: {e}"
-        ) from None
+        parseListen(settings.forward.listen)
+    except ValueError as e:
+        raise check.error("forward.listen", str(e)) from None
     if settings.forward.auth_file:
         try:
             Htpasswd.load(settings.forward.auth_file)

@@ -28,6 +28,10 @@ from mydataproxy.config import (
     Settings,
     StoreRef,
     UpstreamSettings,
+    headerFilterName,
+    isOpenProxy,
+    logDirectoryProblem,
+    parseListen,
     parseNetwork,
     resolvePath,
 )
@@ -91,9 +95,11 @@ def parseProperties(text: str, source: str) -> list[tuple[str, str, int]]:
 
 # --- Values.
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_ALWAYS_FILTERED = frozenset({b"host", b"x-target-host"})
+_ALWAYS_FILTERED = frozenset({b"x-target-host"})
 _DEFAULT_PORT = 9000
+# A timeout of this many seconds or more (over 16 minutes) is most likely
+# meant in milliseconds, the unit of the HTTP client the Java product used.
+_LIKELY_MILLISECONDS = 1000
 
 
 def _integer(text: str, minimum: int) -> int:
@@ -128,10 +134,11 @@ def _seconds(text: str) -> float:
 
 def _headers(text: str) -> frozenset[bytes]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    for name in names:
-        if not _TOKEN.fullmatch(name):
-            raise ValueError(f"{name!r} is not a valid header name")
-    return frozenset(n.lower().encode("ascii") for n in names) | _ALWAYS_FILTERED
+    # The Java default lists host: we set Host from the target anyway, so it
+    # is dropped here rather than refused as in TOML.
+    return frozenset(
+        headerFilterName(name) for name in names if name.lower() != "host"
+    ) | _ALWAYS_FILTERED
 
 
 def _networks(text: str) -> tuple[IPNetwork, ...]:
@@ -228,6 +235,11 @@ def loadProperties(path: Path) -> Settings:
             if key in _MAPPED:
                 section, name, convert = _MAPPED[key]
                 values[section][name] = convert(value)
+                if convert is _seconds and values[section][name] >= _LIKELY_MILLISECONDS:
+                    notices.append(
+                        f"{source}:{line}: {key}={value}: {value} seconds: did you mean milliseconds?"
+                        " (MyData Proxy reads this key in seconds)"
+                    )
             elif key in _TLS:
                 tls[key] = value
             elif key in _NOTICED or key.startswith("logging.level."):
@@ -255,8 +267,13 @@ def loadProperties(path: Path) -> Settings:
     logging = dict(values["logging"])
     if "access_log" in logging:
         logging["access_log"] = resolvePath(str(logging["access_log"]), path.parent)
+        problem = logDirectoryProblem(logging["access_log"])
+        if problem:
+            raise ConfigError(source, "logging.file.name", problem, lines["logging.file.name"])
     upstream = replace(defaults.upstream, **values["upstream"])
     forward, upstream = _mapTLS(source, path.parent, tls, lines, notices, forward, upstream)
+    if isOpenProxy(forward):
+        notices.append(_openProxyNotice(source, forward, lines))
     return replace(
         defaults,
         source=source,
@@ -390,12 +407,25 @@ def _checkTLS(source: str, forward: ForwardSettings, upstream: UpstreamSettings,
 
 def _checkEndpoint(source: str, description: str, lines: dict[str, int]) -> None:
     """Defence in depth: the assembled listener must parse as Twisted's would."""
-    from twisted.internet import endpoints, reactor
-
     try:
-        endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+        parseListen(description)
+    except ValueError as e:
         key = "server.address" if "server.address" in lines else "server.port"
         raise ConfigError(
             source, key, f"gives an invalid listener {description!r}: {e}", lines[key]
         ) from None
+
+
+def _openProxyNotice(source: str, forward: ForwardSettings, lines: dict[str, int]) -> str:
+    """The loud warning for a listener anyone who reaches it may use."""
+    if "server.address" in lines:
+        where, bound = lines["server.address"], "server.address is not a loopback address"
+    else:
+        # Like the Java product: every interface (server.port is set, or the
+        # listener would be the loopback default).
+        where, bound = lines["server.port"], "server.address is not set, so every interface is listened on"
+    return (
+        f"{source}:{where}: OPEN PROXY: {bound} ({forward.listen}), proxy.ip.allow admits every client"
+        " and no client certificate is required: anyone who can reach the port can use this proxy;"
+        " set proxy.ip.allow or server.address"
+    )

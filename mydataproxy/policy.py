@@ -93,6 +93,19 @@ class Request:
     certificate: str = ""
 
 
+def _matchesByName(rule: EgressRule, request: Request) -> bool:
+    """Do C{rule}'s conditions other than C{networks} hold for C{request}?"""
+    if rule.modes and request.mode not in rule.modes:
+        return False
+    if rule.ports and request.port not in rule.ports:
+        return False
+    if rule.users and request.user not in rule.users:
+        return False
+    if rule.client_certificates and request.certificate not in rule.client_certificates:
+        return False
+    return not rule.hosts or hostMatches(rule.hosts, request.host)
+
+
 class EgressPolicy:
     """Destination rules, default and SSRF guard, decided per address."""
 
@@ -102,18 +115,47 @@ class EgressPolicy:
         self._guard = settings.guard
         # Decisions depend only on their inputs and the (frozen) settings.
         self.decideAddress = functools.lru_cache(maxsize=8192)(self.decideAddress)
+        self.refusedByName = functools.lru_cache(maxsize=8192)(self.refusedByName)
+
+    def refusedByName(self, request: Request) -> Decision | None:
+        """
+        The refusal C{request} gets whatever its host resolves to, or L{None}
+        when that depends on the address (or it may be allowed): only then
+        does the host need resolving.  Deciding first keeps names the rules
+        refuse out of DNS, which would otherwise carry them out of the
+        network.
+
+        Rules are walked in order as L{decideAddress} does; the first whose
+        name, port, mode, user and certificate conditions hold settles the
+        answer unless it has C{networks}.  Whenever this returns a refusal,
+        L{decideAddress} refuses every address for C{request} too.
+        """
+        try:
+            address = _ip(request.host)
+        except ValueError:
+            address = None
+        if address is not None:
+            # An IP literal is its own answer: decide it exactly.
+            decision = self.decideAddress(request, str(address))
+            return None if decision.allowed else decision
+        for rule in self._rules:
+            if not _matchesByName(rule, request):
+                continue
+            if rule.networks:
+                return None  # this rule, or a later one, depending on the address
+            if rule.action == "deny":
+                return Decision(False, rule.name)
+            # An allowing rule: allowed, or refused by the guard for some
+            # addresses only.
+            return None
+        if self._default == "deny":
+            # The guard refuses special addresses and the default the rest.
+            return Decision(False, f"egress.default ({self._default})")
+        return None
 
     def _firstMatch(self, request: Request, address: IPAddress) -> EgressRule | None:
         for rule in self._rules:
-            if rule.modes and request.mode not in rule.modes:
-                continue
-            if rule.ports and request.port not in rule.ports:
-                continue
-            if rule.users and request.user not in rule.users:
-                continue
-            if rule.client_certificates and request.certificate not in rule.client_certificates:
-                continue
-            if rule.hosts and not hostMatches(rule.hosts, request.host):
+            if not _matchesByName(rule, request):
                 continue
             if rule.networks and not any(address in n for n in rule.networks):
                 continue
@@ -208,3 +250,14 @@ def connectAllowed(settings: ForwardSettings, port: int) -> Decision:
     if port in settings.connect_ports:
         return Decision(True, f"forward.connect_ports {port}")
     return Decision(False, "forward.connect_ports")
+
+
+def httpPortAllowed(settings: ForwardSettings, port: int) -> Decision:
+    """
+    May an absolute-form or header-routed request go to C{port}?  Other
+    ports would let a request speak HTTP at a mail server, Redis and the
+    like (a cross-protocol attack).
+    """
+    if any(low <= port <= high for low, high in settings.http_ports):
+        return Decision(True, f"forward.http_ports {port}")
+    return Decision(False, "forward.http_ports")

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mydataproxy.config import EgressSettings, ForwardSettings, settingsFromMapping
-from mydataproxy.policy import ClientAccess, EgressPolicy, Request, guardedRange
+from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, settingsFromMapping
+from mydataproxy.policy import ClientAccess, Decision, EgressPolicy, Request, guardedRange, httpPortAllowed
 
 
 def egressSettings(**table) -> EgressSettings:
@@ -342,6 +342,179 @@ def test_rebindingAnswerDecidedPerResolution() -> None:
     assert p.decide(req("rebind.test"), ["127.0.0.2"])[0] == ["127.0.0.2"]
     allowed, decision = p.decide(req("rebind.test"), ["127.0.0.1"])
     assert allowed == [] and decision.rule == f"egress.guard ({LOOPBACK4})"
+
+
+# ---------------------------------------------------------------------------
+# EgressPolicy.refusedByName: refusals decided before any DNS query
+# ---------------------------------------------------------------------------
+
+BANK = {"name": "bank", "action": "allow", "hosts": ["api.bank.test"]}
+NO_BANK = {"name": "no bank", "action": "deny", "hosts": ["*.bank.test"]}
+PRIVATE_NET = {"name": "private", "action": "allow", "networks": ["10.0.0.0/8"]}
+DENY_NET = {"name": "no 192.0.2", "action": "deny", "networks": ["192.0.2.0/24"]}
+
+
+def test_refusedByNameDefaultDenyRefusesUnlistedName() -> None:
+    """Issue 7 item 12: an unlisted name under default deny is refused unresolved."""
+    decision = policy(BANK, default="deny").refusedByName(req("exfiltrate.attacker.test"))
+    assert decision == Decision(False, "egress.default (deny)")
+
+
+def test_refusedByNameDefaultDenyWithGuardOff() -> None:
+    decision = policy(BANK, default="deny", guard=False).refusedByName(req("other.test"))
+    assert decision == Decision(False, "egress.default (deny)")
+
+
+def test_refusedByNameAllowedNameNeedsResolving() -> None:
+    assert policy(BANK, default="deny").refusedByName(req("api.bank.test")) is None
+
+
+def test_refusedByNameDefaultAllowNeedsResolving() -> None:
+    # The guard may still refuse the address: only the answer can tell.
+    assert policy().refusedByName(req("anything.test")) is None
+    assert policy(BANK).refusedByName(req("other.test")) is None
+
+
+def test_refusedByNameDenyRuleByHost() -> None:
+    p = policy(NO_BANK, BANK)
+    assert p.refusedByName(req("api.bank.test")) == Decision(False, "egress.rules[0] no bank")
+    assert p.refusedByName(req("bank.test")) is None
+
+
+def test_refusedByNameFirstMatchWins() -> None:
+    # The allowing rule comes first: the later deny never decides.
+    assert policy(BANK, NO_BANK, default="deny").refusedByName(req("api.bank.test")) is None
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"name": "everything", "action": "allow"},
+        {"name": "port 80", "action": "allow", "ports": [80]},
+    ],
+)
+def test_refusedByNameAllowRuleNotNamingTheHostNeedsResolving(rule: dict) -> None:
+    # Allowed for public addresses, refused by the guard for others.
+    assert policy(rule, default="deny").refusedByName(req("x.test")) is None
+
+
+@pytest.mark.parametrize("rule", [PRIVATE_NET, DENY_NET])
+def test_refusedByNameNetworkRuleNeedsTheAddress(rule: dict) -> None:
+    assert policy(rule, NO_BANK, default="deny").refusedByName(req("api.bank.test")) is None
+
+
+def test_refusedByNameSkipsNetworkRulesThatCannotMatch() -> None:
+    """A network rule for other ports, modes or users never needs the address."""
+    p = policy(
+        {"action": "allow", "networks": ["10.0.0.0/8"], "ports": [8443]},
+        {"action": "allow", "networks": ["10.0.0.0/8"], "modes": ["connect"]},
+        {"action": "allow", "networks": ["10.0.0.0/8"], "hosts": ["*.corp.test"]},
+        default="deny",
+    )
+    assert p.refusedByName(req("x.test", port=80)) == Decision(False, "egress.default (deny)")
+    assert p.refusedByName(req("x.test", port=8443)) is None
+    assert p.refusedByName(req("x.test", mode="connect")) is None
+    assert p.refusedByName(req("a.corp.test")) is None
+
+
+@pytest.mark.parametrize(
+    "request_, matches",
+    [
+        (Request("absolute", "x.test", 80, "alice"), True),
+        (Request("absolute", "x.test", 80, "bob"), False),
+        (Request("absolute", "x.test", 80, None), False),
+        (Request("connect", "x.test", 80, "alice"), False),
+        (Request("absolute", "x.test", 443, "alice"), False),
+        (Request("absolute", "x.test", 80, "alice", "CN=gateway"), True),
+    ],
+)
+def test_refusedByNameRuleConditions(request_: Request, matches: bool) -> None:
+    # Built directly: the loader wants forward.auth_file for rules naming users.
+    rule = EgressRule(
+        "alice", "deny", users=frozenset({"alice"}), modes=frozenset({"absolute", "header"}), ports=frozenset({80})
+    )
+    p = EgressPolicy(EgressSettings(rules=(rule,)))
+    expected = Decision(False, "alice") if matches else None
+    assert p.refusedByName(request_) == expected
+
+
+def test_refusedByNameClientCertificateCondition() -> None:
+    p = policy({"name": "gw", "action": "deny", "client_certificates": ["CN=gateway"]})
+    assert p.refusedByName(Request("header", "x.test", 443, None, "CN=gateway")) == Decision(
+        False, "egress.rules[0] gw"
+    )
+    assert p.refusedByName(Request("header", "x.test", 443, None, "CN=other")) is None
+
+
+@pytest.mark.parametrize(
+    "host, rules, table, expected",
+    [
+        # An IP literal needs no DNS: it is decided exactly, network rules included.
+        ("127.0.0.1", (), {}, Decision(False, f"egress.guard ({LOOPBACK4})")),
+        ("10.1.2.3", (PRIVATE_NET,), {"default": "deny"}, None),
+        ("192.0.2.7", (DENY_NET,), {"guard": False}, Decision(False, "egress.rules[0] no 192.0.2")),
+        ("93.184.216.34", (), {}, None),
+        ("93.184.216.34", (), {"default": "deny"}, Decision(False, "egress.default (deny)")),
+        ("::ffff:192.0.2.7", (DENY_NET,), {"guard": False}, Decision(False, "egress.rules[0] no 192.0.2")),
+        ("fd00:ec2::254", (BANK,), {}, Decision(False, "egress.guard (cloud metadata fd00:ec2::254/128)")),
+    ],
+)
+def test_refusedByNameIPLiteral(host: str, rules: tuple, table: dict, expected: Decision | None) -> None:
+    assert policy(*rules, **table).refusedByName(req(host)) == expected
+
+
+SAMPLE_ADDRESSES = ["93.184.216.34", "192.0.2.7", "10.1.2.3", "127.0.0.1", "169.254.169.254", "::1", "2606:4700::1"]
+SAMPLE_POLICIES = [
+    ((), {}),
+    ((), {"default": "deny"}),
+    ((), {"default": "deny", "guard": False}),
+    ((BANK,), {"default": "deny"}),
+    ((NO_BANK, BANK), {}),
+    ((DENY_NET, BANK), {"default": "deny"}),
+    ((PRIVATE_NET, NO_BANK), {"guard": False}),
+    (({"action": "allow", "ports": [443]},), {"default": "deny"}),
+]
+
+
+@pytest.mark.parametrize("rules, table", SAMPLE_POLICIES)
+@pytest.mark.parametrize("host", ["api.bank.test", "www.bank.test", "other.test", "10.1.2.3", "192.0.2.7"])
+@pytest.mark.parametrize("port", [80, 443])
+def test_refusedByNameAgreesWithDecideAddress(rules: tuple, table: dict, host: str, port: int) -> None:
+    """A refusal by name holds for every address the name could resolve to."""
+    p = policy(*rules, **table)
+    request = req(host, port=port)
+    refusal = p.refusedByName(request)
+    # An IP literal is not resolved: it is the one address there is.
+    addresses = [host] if host[0].isdigit() else SAMPLE_ADDRESSES
+    decisions = [p.decideAddress(request, address) for address in addresses]
+    if refusal is not None:
+        assert not refusal.allowed
+        assert not any(d.allowed for d in decisions), (refusal, decisions)
+        assert refusal.rule in {d.rule for d in decisions}
+
+
+# ---------------------------------------------------------------------------
+# Port lists: CONNECT and the HTTP forms
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", [80, 443, 8080, 8443])
+def test_httpPortAllowedByDefault(port: int) -> None:
+    assert httpPortAllowed(ForwardSettings(), port) == Decision(True, f"forward.http_ports {port}")
+
+
+@pytest.mark.parametrize("port", [21, 22, 25, 6379, 9200, 11211, 1, 65535, 8000, 8081])
+def test_httpPortRefusedByDefault(port: int) -> None:
+    """Issue 7 item 15: http://host:25/ or :6379/ is a cross-protocol lever."""
+    assert httpPortAllowed(ForwardSettings(), port) == Decision(False, "forward.http_ports")
+
+
+def test_httpPortRangesFromConfig() -> None:
+    settings = forwardSettings(http_ports=[80, "8000-8099", "8090-8100", 9000, "9001-9001"])
+    assert settings.http_ports == ((80, 80), (8000, 8100), (9000, 9001))
+    for port, allowed in [(80, True), (8000, True), (8050, True), (8100, True), (8101, False),
+                          (443, False), (9001, True), (79, False)]:
+        assert httpPortAllowed(settings, port).allowed is allowed, port
 
 
 # ---------------------------------------------------------------------------
