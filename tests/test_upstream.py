@@ -36,8 +36,9 @@ class Recorder:
         self.finished = False
         self.failure: UpstreamError | None = None
 
-    def responseStarted(self, status, reason, headers, bodyLength) -> None:
+    def responseStarted(self, status, reason, headers, bodyLength, declaredLength) -> None:
         self.started = (status, reason, headers, bodyLength)
+        self.declaredLength = declaredLength
 
     def responseData(self, data: bytes) -> None:
         self.body.append(data)
@@ -71,10 +72,10 @@ class Harness:
         self.pool = UpstreamPool(self.reactor, UpstreamSettings(**settings), ORIGIN_TLS)
         self.transports: list[StringTransport] = []
 
-    def exchange(self, framing=BodyFraming.NONE, headOnly=False, head=HEAD):
+    def exchange(self, framing=BodyFraming.NONE, method=b"GET", head=HEAD):
         receiver = Recorder()
         client = ClientSocket()
-        exchange = UpstreamExchange(self.pool, head, framing, headOnly, receiver, client)
+        exchange = UpstreamExchange(self.pool, head, framing, method, receiver, client)
         exchange.start(ORIGIN)
         return exchange, receiver, client
 
@@ -146,7 +147,7 @@ def test_noBodyStatuses(status: int) -> None:
 
 def test_headResponseHasNoBodyDespiteContentLength() -> None:
     h = Harness()
-    _, r, _ = h.exchange(headOnly=True)
+    _, r, _ = h.exchange(method=b"HEAD")
     t = h.connectPending()
     t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
     assert r.finished and r.started[3] == 0
@@ -271,7 +272,10 @@ def test_lengthRequestBodyIsWrittenRaw() -> None:
     h = Harness()
     exchange, r, client = h.exchange(framing=BodyFraming.LENGTH)
     t = h.connectPending()
-    assert t.producer is client, "the client socket must be paused by a full origin socket"
+    t.producer.pauseProducing()
+    assert client.paused, "the client socket must be paused by a full origin socket"
+    t.producer.resumeProducing()
+    assert not client.paused
     exchange.writeBody(b"abc")
     exchange.finishBody()
     assert t.value() == HEAD + b"abc"
@@ -325,7 +329,7 @@ def test_totalBoundEvictsAnIdleConnectionToAnotherDestination() -> None:
     assert first.finished and not t.disconnecting
     other = Destination("http", "127.0.0.2", 8080, ("127.0.0.2",))
     receiver = Recorder()
-    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, False, receiver, ClientSocket()).start(other)
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", receiver, ClientSocket()).start(other)
     assert t.disconnecting, "the idle connection should make room"
     assert [c[:2] for c in h.reactor.tcpClients] == [("127.0.0.1", 8080), ("127.0.0.2", 8080)]
     assert h.pool.openConnections == 1
@@ -349,7 +353,7 @@ def test_readTimeoutStartsWhenTheRequestBodyIsComplete() -> None:
 def test_bodyHeldBeforeStartIsSentAfterIt() -> None:
     h = Harness()
     receiver, client = Recorder(), ClientSocket()
-    exchange = UpstreamExchange(h.pool, HEAD, BodyFraming.LENGTH, False, receiver, client)
+    exchange = UpstreamExchange(h.pool, HEAD, BodyFraming.LENGTH, b"POST", receiver, client)
     exchange.writeBody(b"early")
     exchange.start(ORIGIN)
     t = h.connectPending()
@@ -359,7 +363,7 @@ def test_bodyHeldBeforeStartIsSentAfterIt() -> None:
 def test_abortBeforeStartLetsAHeldBackClientGo() -> None:
     h = Harness()
     receiver, client = Recorder(), ClientSocket()
-    exchange = UpstreamExchange(h.pool, HEAD, BodyFraming.LENGTH, False, receiver, client)
+    exchange = UpstreamExchange(h.pool, HEAD, BodyFraming.LENGTH, b"POST", receiver, client)
     exchange.writeBody(b"x" * 70000)
     assert client.paused
     exchange.abort()
