@@ -24,6 +24,8 @@ def checkConfig(path: str) -> int:
     print(f"  forward.listen        {forward.listen}")
     print(f"  forward.client_allow  {', '.join(map(str, forward.client_allow)) or '(everyone)'}")
     print(f"  forward.connect_ports {', '.join(map(str, sorted(forward.connect_ports)))}")
+    ranges = (str(low) if low == high else f"{low}-{high}" for low, high in forward.http_ports)
+    print(f"  forward.http_ports    {', '.join(ranges)}")
     print(f"  forward.auth_file     {forward.auth_file or '(no authentication)'}")
     if forward.tls is not None:
         print(f"  forward.tls           {forward.tls.key_store.path}, client_auth={forward.tls.client_auth}")
@@ -180,8 +182,42 @@ def _describeProfile(profile) -> str:
     return ", ".join(parts)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mydataproxy")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """
+    The C{mydataproxy} command.  Output piped to a reader that stops early
+    (C{| head -1}) ends the command quietly instead of with a traceback.
+
+    @return: The exit status: 0, or 2 on a bad file or store; 1 when the
+        reader left before the command had written everything it had to say.
+    """
+    status = 1
+    try:
+        try:
+            status = _run(argv)
+        finally:
+            # Also after argparse's own exits (--version, --help, usage).
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes again at exit and would complain: point stdout at
+        # /dev/null so that flush has nothing left to fail on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return status
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mydataproxy", description="MyData Proxy tools.")
+    parser.add_argument("--version", action="version", version=f"mydataproxy {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", help="TOML config, or the Java product's application.properties")

@@ -10,7 +10,7 @@ import datetime
 import ipaddress
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -907,6 +907,220 @@ def test_propertiesContinuationInMapping(tmp_path: Path) -> None:
     assert settings.forward.listen == "tcp:9001"
     # Line numbers still count the physical lines of continued entries.
     propsError(tmp_path, text + "bogus=1\n", "bogus", 5, "unknown key")
+
+
+# --- Issue 7: what start-up would trip on, caught at load ------------------------
+
+
+@pytest.mark.parametrize(
+    "names, problem",
+    [
+        (["x-a", "Content-Length"], "'Content-Length' cannot be filtered"),
+        (["transfer-encoding"], "'transfer-encoding' cannot be filtered"),
+        ([" TRANSFER-ENCODING "], "'TRANSFER-ENCODING' cannot be filtered"),
+        (["caf\u00e9"], "not a valid header field name (RFC 9110 token)"),
+        (["x a"], "not a valid header field name"),
+        (["x-a:"], "not a valid header field name"),
+        ([""], "not a valid header field name"),
+        (["x-\\u0001"], "not a valid header field name"),  # a TOML escape: U+0001
+    ],
+)
+def test_tomlHeaderFilterRefusesFramingAndNonTokens(tmp_path: Path, names: list[str], problem: str) -> None:
+    listed = ", ".join(f'"{name}"' for name in names)
+    loadError(write(tmp_path, f"[forward]\n\nheader_filter = [{listed}]\n"), "forward.header_filter", 3, problem)
+
+
+def test_tomlHeaderFilterDropsHost(tmp_path: Path) -> None:
+    # The proxy writes Host from the target: listing it changes nothing.
+    settings = config.load(write(tmp_path, '[forward]\nheader_filter = ["Host", "x-a"]\n'))
+    assert settings.forward.header_filter == frozenset({b"x-a"})
+
+
+def test_headerFilterDefault() -> None:
+    assert not config.ForwardSettings().header_filter & config.PROXY_WRITTEN_FIELDS
+
+
+def test_tomlHttpPorts(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "")).forward.http_ports == ((80, 80), (443, 443), (8080, 8080), (8443, 8443))
+    settings = config.load(write(tmp_path, '[forward]\nhttp_ports = [443, "1024-65535", 80]\n'))
+    assert settings.forward.http_ports == ((80, 80), (443, 443), (1024, 65535))
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("[]", "non-empty list"),
+        ("80", "non-empty list"),
+        ("[0]", "ports run from 1 to 65535"),
+        ("[65536]", "ports run from 1 to 65535"),
+        ('["90-80"]', "ports run from 1 to 65535, low to high"),
+        ('["1-70000"]', "ports run from 1 to 65535"),
+        ('["80"]', "neither a port number nor"),
+        ('["80-"]', "neither a port number nor"),
+        ("[true]", "neither a port number nor"),
+        ("[80.0]", "neither a port number nor"),
+    ],
+)
+def test_tomlHttpPortsErrors(tmp_path: Path, value: str, problem: str) -> None:
+    loadError(write(tmp_path, f"[forward]\nlisten = 'tcp:1'\nhttp_ports = {value}\n"), "forward.http_ports", 3, problem)
+
+
+@pytest.mark.parametrize(
+    "listen, problem",
+    [
+        # Each of these started, then failed in bind() with a traceback.
+        ("tcp:70000:interface=127.0.0.1", "port 70000 is out of range (0-65535)"),
+        ("tcp:-1:interface=127.0.0.1", "port -1 is out of range"),
+        ("tcp:9000:interface=localhost", "interface 'localhost' is not an IP address"),
+        ("tcp:9000:interface=10.0.0.256", "is not an IP address"),
+        ("tcp:9000:bogus=1", "not a valid endpoint description"),
+        ("ssl:9443:privateKey=/nonexistent.pem", "not a valid endpoint description"),
+        ("systemd:domain=INET:index=7", "not a valid endpoint description"),
+    ],
+)
+def test_tomlListenChecked(tmp_path: Path, listen: str, problem: str) -> None:
+    loadError(write(tmp_path, f"[forward]\n# the listener\nlisten = '{listen}'\n"), "forward.listen", 3, problem)
+
+
+@pytest.mark.parametrize(
+    "listen, address",
+    [
+        ("tcp:0:interface=127.0.0.1", config.ListenAddress("127.0.0.1", 0)),
+        ("tcp:65535", config.ListenAddress("", 65535)),
+        ("tcp6:9000", config.ListenAddress("::", 9000)),
+        ("tcp:9000:interface=\\:\\:1", config.ListenAddress("::1", 9000)),
+        ("unix:/run/mydataproxy.sock", None),
+    ],
+)
+def test_parseListen(listen: str, address: config.ListenAddress | None) -> None:
+    assert config.parseListen(listen) == address
+
+
+def test_tomlAccessLogDirectoryMissing(tmp_path: Path) -> None:
+    loadError(
+        write(tmp_path, '[logging]\n\naccess_log = "logs/access.log"\n'),
+        "logging.access_log", 3, f"the directory {tmp_path / 'logs'} does not exist",
+    )
+    (tmp_path / "logs").write_text("a file, not a directory")
+    loadError(
+        write(tmp_path, '[logging]\naccess_log = "logs/access.log"\n'),
+        "logging.access_log", 2, f"{tmp_path / 'logs'} is not a directory",
+    )
+
+
+def test_propertiesAccessLogDirectoryMissing(tmp_path: Path) -> None:
+    propsError(tmp_path, "server.port=9000\nlogging.file.name=../nowhere/proxy.log\n", "logging.file.name", 2,
+               f"the directory {tmp_path.parent / 'nowhere'} does not exist")
+
+
+OPEN = "OPEN PROXY"
+
+
+@pytest.mark.parametrize(
+    "forward, line",
+    [
+        ('listen = "tcp:9000"', 2),
+        ('client_allow = []\nlisten = "tcp:9000:interface=0.0.0.0"', 3),
+        ('listen = "tcp6:9000"', 2),
+        ('listen = "tcp:9000:interface=192.0.2.10"\nclient_allow = ["0.0.0.0/0"]', 2),
+    ],
+)
+def test_tomlOpenProxyWarning(tmp_path: Path, forward: str, line: int) -> None:
+    path = write(tmp_path, f"[forward]\n{forward}\n")
+    (notice,) = config.load(path).notices
+    assert notice.startswith(f"{path}:{line}: {OPEN}: forward.listen "), notice
+    assert "forward.client_allow admits every client and forward.auth_file is not set" in notice
+
+
+@pytest.mark.parametrize(
+    "forward",
+    [
+        'listen = "tcp:9000:interface=127.0.0.1"',
+        "listen = 'tcp:9000:interface=\\:\\:1'",
+        'listen = "tcp:9000"\nclient_allow = ["10.0.0.0/8"]',
+        'listen = "tcp:9000"\nauth_file = "proxy.htpasswd"',
+        'listen = "unix:proxy.sock"',
+    ],
+)
+def test_tomlNotAnOpenProxy(tmp_path: Path, forward: str) -> None:
+    (tmp_path / "proxy.htpasswd").write_text("gateway:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    assert config.load(write(tmp_path, f"[forward]\n{forward}\n")).notices == ()
+
+
+def test_tomlClientCertificatesCloseTheProxy() -> None:
+    forward = config.ForwardSettings(
+        listen="tcp:9000", tls=config.ServerTLSSettings(config.StoreRef("k.p12"), config.StoreRef("ca.pem"), "need")
+    )
+    assert not config.isOpenProxy(forward)
+    assert config.isOpenProxy(replace(forward, tls=replace(forward.tls, client_auth="want")))
+
+
+@pytest.mark.parametrize(
+    "text, line, bound",
+    [
+        # The drop-in case: the Java product listened on every interface.
+        ("spring.application.name=x\nserver.port=9000\n", 2,
+         "server.address is not set, so every interface is listened on (tcp:9000)"),
+        ("server.port=9000\nserver.address=0.0.0.0\n", 2,
+         "server.address is not a loopback address (tcp:9000:interface=0.0.0.0)"),
+        ("server.address=192.0.2.1\nproxy.ip.allow=\n", 1,
+         "server.address is not a loopback address (tcp:9000:interface=192.0.2.1)"),
+    ],
+)
+def test_propertiesOpenProxyWarning(tmp_path: Path, text: str, line: int, bound: str) -> None:
+    settings = props(tmp_path, text)
+    path = tmp_path / "application.properties"
+    assert settings.notices[-1] == (
+        f"{path}:{line}: {OPEN}: {bound}, proxy.ip.allow admits every client and no client certificate"
+        " is required: anyone who can reach the port can use this proxy; set proxy.ip.allow or server.address"
+    )
+    assert settings.forward.listen.startswith("tcp:9000")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["server.port=9000\nserver.address=127.0.0.1\n", "server.port=9000\nproxy.ip.allow=10.1.*.*\n", "debug=true\n"],
+)
+def test_propertiesNotAnOpenProxy(tmp_path: Path, text: str) -> None:
+    assert not any(OPEN in notice for notice in props(tmp_path, text).notices)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["proxy.ssl.client.connectTimeout", "proxy.ssl.client.socketTimeout", "proxy.ssl.client.connectionRequestTimeout"],
+)
+def test_propertiesMillisecondTimeoutsWarned(tmp_path: Path, key: str) -> None:
+    text = f"server.address=127.0.0.1\n{key}=60000\n"
+    settings = props(tmp_path, text)
+    path = tmp_path / "application.properties"
+    assert settings.notices == (
+        f"{path}:2: {key}=60000: 60000 seconds: did you mean milliseconds? (MyData Proxy reads this key in seconds)",
+    )
+    assert props(tmp_path, f"server.address=127.0.0.1\n{key}=999\n").notices == ()
+
+
+def test_tomlNotUtf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# caf\xe9\n")
+    loadError(path, None, None, "cannot read", "utf-8")
+
+
+@pytest.mark.parametrize("name", ["conf.toml", "conf.properties"])
+def test_configIsADirectory(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).mkdir()
+    loadError(tmp_path / name, None, None, "cannot read", "Is a directory")
+
+
+@pytest.mark.parametrize("name, method", [("a.toml", "read_text"), ("a.properties", "read_bytes")])
+def test_configUnreadable(tmp_path: Path, monkeypatch, name: str, method: str) -> None:
+    # Tests run as root, which chmod cannot lock out: fail the read itself.
+    path = write(tmp_path, "", name)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, method, refuse)
+    loadError(path, None, None, "cannot read", "Permission denied")
 
 
 # --- The shipped samples ---------------------------------------------------------

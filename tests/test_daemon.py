@@ -3,10 +3,12 @@ check-config, the packaged wheel."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,50 @@ def test_bad_config_refuses_to_start_and_names_file_key_and_line(tmp_path: Path)
     config.write_text('[forward]\nlisten = "tcp:9000"\nconect_ports = [443]\n')
     result = twistd("--config", str(config), cwd=tmp_path)
     assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert f"{config}:3: forward.conect_ports: unknown key" in output
+    # One line, not twistd's option summary above it.
+    assert (result.stdout + result.stderr).splitlines() == [
+        f"mydataproxy: {config}:3: forward.conect_ports: unknown key"
+    ]
+
+
+def bad_config_files(directory: Path) -> dict[str, tuple[Path, str]]:
+    """Config files start-up must refuse, with what the one line must say."""
+    latin1 = directory / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n")
+    port = directory / "port.toml"
+    port.write_text('[forward]\nlisten = "tcp:70000:interface=127.0.0.1"\n')
+    interface = directory / "interface.properties"
+    interface.write_text("server.port=9000\nserver.address=localhost\n")
+    logs = directory / "logs.toml"
+    logs.write_text('[logging]\naccess_log = "no/such/dir/access.log"\n')
+    folder = directory / "folder.toml"
+    folder.mkdir()
+    return {
+        "missing": (directory / "absent.toml", "cannot read: [Errno 2] No such file or directory"),
+        "directory": (folder, "cannot read: [Errno 21] Is a directory"),
+        "not UTF-8": (latin1, "cannot read: 'utf-8' codec can't decode byte 0xe9"),
+        "port out of range": (port, "2: forward.listen: port 70000 is out of range (0-65535)"),
+        "interface not an IP": (interface, "2: server.address: must be an IP address"),
+        "no log directory": (logs, f"2: logging.access_log: the directory {directory / 'no/such/dir'} does not exist"),
+    }
+
+
+def test_start_failures_are_one_line_never_a_traceback(tmp_path: Path) -> None:
+    for case, (config, problem) in bad_config_files(tmp_path).items():
+        result = twistd("--config", str(config), cwd=tmp_path)
+        lines = (result.stdout + result.stderr).splitlines()
+        assert result.returncode == 1, case
+        assert len(lines) == 1, (case, lines)
+        assert lines[0].startswith(f"mydataproxy: {config}") and problem in lines[0], (case, lines)
+
+
+def test_check_config_bad_files_are_one_line_never_a_traceback(tmp_path: Path) -> None:
+    for case, (config, problem) in bad_config_files(tmp_path).items():
+        result = subprocess.run([MYDATAPROXY, "check-config", str(config)], capture_output=True, text=True)
+        assert result.returncode == 2, case
+        assert result.stdout == "", case
+        assert result.stderr.splitlines() == [result.stderr.strip()], case
+        assert result.stderr.startswith(f"error: {config}") and problem in result.stderr, (case, result.stderr)
 
 
 def test_missing_config_file_refuses_to_start(tmp_path: Path) -> None:
@@ -120,6 +164,54 @@ def test_check_config_accepts_every_sample_and_rejects_bad_files(tmp_path: Path)
     result = subprocess.run([MYDATAPROXY, "check-config", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2
     assert f"{bad}:2: upstream.read_timeout: must be at least" in result.stderr
+
+
+def test_check_config_warns_loudly_about_an_open_proxy(tmp_path: Path) -> None:
+    # The Java product's drop-in case: no server.address, every interface.
+    config = tmp_path / "application.properties"
+    config.write_text("server.port=9000\n")
+    result = subprocess.run([MYDATAPROXY, "check-config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"warning: {config}:1: OPEN PROXY: server.address is not set"), result.stdout
+    assert "  forward.http_ports    80, 443, 8080, 8443" in result.stdout
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    result = subprocess.run([MYDATAPROXY, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stdout == f"mydataproxy {version('mydataproxy')}\n"
+
+
+def run_into_closed_pipe(*arguments: str) -> subprocess.CompletedProcess:
+    """Run the command with its output going to a pipe nobody reads (| head -0)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([MYDATAPROXY, *arguments], stdout=writer, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(writer)
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback(ca_pem: Path) -> None:
+    for arguments in (
+        ["check-config", str(REPO / "etc" / "mydataproxy.toml")],
+        ["keystore", "show", str(ca_pem)],
+        ["--version"],
+        ["--help"],
+    ):
+        result = run_into_closed_pipe(*arguments)
+        assert result.stderr == "", (arguments, result.stderr)
+        assert result.returncode in (0, 1), arguments
+
+
+def test_output_piped_to_head(ca_pem: Path) -> None:
+    for command in (
+        f"{MYDATAPROXY} check-config {REPO / 'etc' / 'mydataproxy.toml'} | head -1",
+        f"{MYDATAPROXY} keystore show {ca_pem} | head -1",
+    ):
+        result = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+        assert result.stderr == "", (command, result.stderr)
+        assert len(result.stdout.splitlines()) == 1, command
 
 
 def test_wheel_ships_the_plugin_and_the_command(tmp_path: Path) -> None:

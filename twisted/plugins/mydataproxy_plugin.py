@@ -17,7 +17,9 @@ class Options(usage.Options):
         try:
             self["settings"] = config.load(self["config"]) if self["config"] else config.Settings()
         except config.ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # One line that names file, key and problem: a UsageError would
+            # have twistd print its whole option summary above it.
+            raise SystemExit(f"mydataproxy: {e}") from None
 
 
 @implementer(IServiceMaker, IPlugin)
