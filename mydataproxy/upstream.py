@@ -17,7 +17,7 @@ import enum
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol as TypingProtocol
+from typing import NamedTuple, Protocol as TypingProtocol
 
 import txaio
 from OpenSSL import SSL
@@ -219,8 +219,7 @@ def parseResponseHead(head: bytes) -> tuple[bytes, int, bytes, HeaderList]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseFraming:
+class ResponseFraming(NamedTuple):
     """
     How a response body is delimited, from its head (RFC 9112 section 6.3).
 
@@ -253,12 +252,13 @@ def responseFraming(version: bytes, status: int, fields: HeaderList, headOnly: b
     codings: list[bytes] = []
     closing = version == b"HTTP/1.0"
     for name, value in fields:
-        lower = name.lower()
-        if lower == b"content-length":
+        # Length first: most names are none of the three, and lower() costs.
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
             lengths.update(v.strip(b" \t") for v in value.split(b","))
-        elif lower == b"transfer-encoding":
+        elif size == 17 and name.lower() == b"transfer-encoding":
             codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
-        elif lower == b"connection":
+        elif size == 10 and name.lower() == b"connection":
             tokens = {t.strip(b" \t").lower() for t in value.split(b",")}
             closing = b"close" in tokens or (closing and b"keep-alive" not in tokens)
     declared: int | None = None
@@ -426,13 +426,55 @@ class UpstreamConnection(Protocol):
                 return
             elif state is _State.IDLE:
                 raise InvalidResponse("data after the end of the response")
-            else:  # CHUNK_SIZE, TRAILER: one line
+            elif state is _State.CHUNK_SIZE:
+                pos = self._chunks(exchange, data, pos)
+            else:  # TRAILER: one line
                 i = data.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
                 if i < 0:
                     self._keepTail(data, pos)
                     return
                 line, pos = data[pos:i], i + 2
                 self._lineReceived(exchange, line, pos < end)
+
+    def _chunks(self, exchange: "UpstreamExchange", data: bytes, pos: int) -> int:
+        """
+        Relay the whole chunks that start at C{data[pos:]} as one piece (a
+        hostile origin's 1-byte chunks cost one delivery per read, not one
+        per chunk), and set the state for what follows them.
+
+        @return: Where parsing goes on.
+        """
+        end = len(data)
+        pieces: list[bytes] = []
+        while True:
+            i = data.find(b"\r\n", pos, pos + MAX_CHUNK_LINE + 2)
+            if i < 0:
+                break
+            # The pattern admits no CR or LF: a bare one is refused here.
+            size = _CHUNK_LINE.fullmatch(data, pos, i)
+            if size is None:
+                raise InvalidResponse(f"bad chunk line {data[pos:i][:40]!r}")
+            length = int(size.group(1), 16)
+            pos = i + 2
+            if not length:
+                self._state = _State.TRAILER
+                self._trailerFields = self._trailerBytes = 0
+                break
+            stop = pos + length
+            if stop + 2 > end:  # the chunk or its CRLF goes on in a later read
+                self._state = _State.CHUNK_DATA
+                self._remaining = length
+                break
+            if data[stop : stop + 2] != b"\r\n":
+                raise InvalidResponse("chunk not followed by CRLF")
+            pieces.append(data[pos:stop])
+            pos = stop + 2
+        if pieces:
+            exchange.bodyReceived(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if i < 0 and pos < end and self.exchange is exchange:
+            self._keepTail(data, pos)
+            return end
+        return pos
 
     def _keepTail(self, data: bytes, pos: int) -> None:
         """Carry the unfinished head or line at C{data[pos:]} to the next read."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -12,6 +14,8 @@ from mydataproxy.config import UpstreamSettings
 from mydataproxy.config import OriginTLSProfile
 from mydataproxy.tls import OriginTLS
 from mydataproxy.upstream import (
+    MAX_CHUNK_LINE,
+    PENDING_BODY_LIMIT,
     BodyFraming,
     Destination,
     InvalidResponse,
@@ -380,3 +384,403 @@ def test_fullQueueIs503WithRetryAfter() -> None:
     assert third.failure is not None and third.failure.status == 503
     assert third.failure.retryAfter == 1
     assert (h.pool.queued, h.pool.rejected) == (1, 1)
+
+
+# ---------------------------------------------------------------------------
+# Strict framing (issue 7 item 4)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 999 Nine\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2,\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234567890123456789\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 16 + b"1\r\nx\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x00b\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBad Trailer\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"T: x\r\n" * 101 + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"e" * MAX_CHUNK_LINE + b"\r\nx\r\n0\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+def test_ambiguousFramingIs502(response: bytes) -> None:
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(response)
+    assert r.failure is not None and r.failure.status == 502, r.started
+    assert "invalid response" in r.failure.reason
+    assert t.disconnecting
+    assert r.finished is False
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\rX",
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+        b"HTTP/1.1 999 Nine\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhel",
+    ],
+)
+def test_brokenHeadOrLineRefusedWithoutWaitingForItsEnd(partial: bytes) -> None:
+    """A confused origin that never sends CRLFCRLF gets a 502 now, not a 504 later."""
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    for i in range(len(partial)):  # also byte by byte: the checks resume across reads
+        t.protocol.dataReceived(partial[i : i + 1])
+        if r.failure is not None:
+            break
+    assert r.failure is not None and r.failure.status == 502
+
+
+def test_identicalContentLengthListCountsAsOne() -> None:
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok")
+    assert r.started[3] == 2 and r.declaredLength == 2
+    assert r.finished and b"".join(r.body) == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("method", "response", "bodyLength", "declared"),
+    [
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", 0, 1000),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 77\r\n\r\n", 0, 77),
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 0, 0),
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", 3, 3),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", None, None),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 0, None),
+    ],
+)
+def test_declaredLengthIsReportedBesideTheBodyLength(method, response, bodyLength, declared) -> None:
+    h = Harness()
+    _, r, _ = h.exchange(method=method)
+    t = h.connectPending()
+    t.protocol.dataReceived(response)
+    assert (r.started[3], r.declaredLength) == (bodyLength, declared)
+    assert r.finished
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+def test_headResponseFramingIsCheckedToo(response: bytes) -> None:
+    h = Harness()
+    _, r, _ = h.exchange(method=b"HEAD")
+    t = h.connectPending()
+    t.protocol.dataReceived(response)
+    assert r.failure is not None and r.failure.status == 502 and r.started is None
+
+
+def test_fieldsStayAsReceivedFramingIncluded() -> None:
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(
+        b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 2\r\nConnection: Content-Length\r\nX-b: 1\r\n\r\nok"
+    )
+    assert r.started[2] == [(b"content-LENGTH", b"2"), (b"Connection", b"Content-Length"), (b"X-b", b"1")]
+    assert r.started[3] == 2 and b"".join(r.body) == b"ok"
+
+
+def test_oneByteChunksAreRelayedInOnePiecePerRead() -> None:
+    """64 KiB of 1-byte chunks: one delivery per read, not one per chunk."""
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    count = 65536 // 6
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    t.protocol.dataReceived(b"1\r\nx\r\n" * count)
+    assert len(r.body) == 1 and r.body[0] == b"x" * count
+    t.protocol.dataReceived(b"0\r\nT: 1\r\n\r\n")
+    assert r.finished
+
+
+def test_chunkedBodySplitAtEveryByte() -> None:
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n1\r\nd\r\n0\r\nT: v\r\n\r\n"
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    for i in range(len(wire)):
+        t.protocol.dataReceived(wire[i : i + 1])
+    assert b"".join(r.body) == b"abcd" and r.finished and r.failure is None
+
+
+# ---------------------------------------------------------------------------
+# Truncation: only a clean close ends a close-delimited body (item 4)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        ConnectionLost("Connection reset by peer"),
+        SSL.Error([("SSL routines", "", "unexpected eof while reading")]),
+    ],
+    ids=["reset", "tls-without-close-notify"],
+)
+def test_closeDelimitedBodyCutUncleanlyIsTruncated(reason: Exception) -> None:
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\npart of it")
+    t.protocol.connectionLost(Failure(reason))
+    assert not r.finished
+    assert r.failure is not None and r.failure.status == 502 and "truncated" in r.failure.reason
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n",
+    ],
+)
+def test_countedBodyCutShortIsTruncatedEvenOnACleanClose(response: bytes) -> None:
+    h = Harness()
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(response)
+    t.protocol.connectionLost(Failure(ConnectionDone()))
+    assert not r.finished and r.failure.status == 502 and "truncated" in r.failure.reason
+
+
+# ---------------------------------------------------------------------------
+# Nothing of one response reaches another exchange
+# ---------------------------------------------------------------------------
+
+
+def test_bytesAfterACompleteResponseNeverReachTheNextExchange() -> None:
+    h = Harness()
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+    )
+    assert first.finished and b"".join(first.body) == b"ok"
+    assert t.disconnecting, "a connection that sent more than its response is not reused"
+    _, second, _ = h.exchange()
+    assert len(h.reactor.tcpClients) == 2
+    fresh = h.connectPending()
+    fresh.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood")
+    assert b"".join(second.body) == b"good"
+
+
+def test_bytesOnAnIdleConnectionCloseIt() -> None:
+    h = Harness()
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+    assert t.disconnecting
+    t.protocol.connectionLost(Failure(ConnectionDone()))
+    _, second, _ = h.exchange()
+    assert len(h.reactor.tcpClients) == 2 and second.started is None
+
+
+# ---------------------------------------------------------------------------
+# Retries: safe methods only, never after a response byte (item 2)
+# ---------------------------------------------------------------------------
+
+
+def reusedConnection(h: Harness) -> StringTransport:
+    """A pooled connection that served one GET and is idle."""
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert first.finished
+    t.clear()
+    return t
+
+
+@pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"PATCH"])
+def test_bodylessUnsafeRequestIsNeverSentTwice(method: bytes) -> None:
+    h = Harness()
+    t = reusedConnection(h)
+    head = method + b" /pay HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+    _, r, _ = h.exchange(method=method, head=head)
+    assert t.value() == head
+    t.protocol.connectionLost(Failure(ConnectionDone()))  # the origin read it, then closed
+    assert len(h.reactor.tcpClients) == 1, "an unsafe request was replayed"
+    assert r.failure is not None and r.failure.status == 502
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"OPTIONS", b"TRACE"])
+def test_safeRequestIsRetriedOnceOnAFreshConnection(method: bytes) -> None:
+    h = Harness()
+    t = reusedConnection(h)
+    _, r, _ = h.exchange(method=method)
+    t.protocol.connectionLost(Failure(ConnectionLost()))
+    assert len(h.reactor.tcpClients) == 2 and r.failure is None
+    fresh = h.connectPending()
+    fresh.protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(h.reactor.tcpClients) == 2, "retried more than once"
+    assert r.failure is not None and r.failure.status == 502
+
+
+def test_noRetryOnceAResponseByteArrived() -> None:
+    h = Harness()
+    t = reusedConnection(h)
+    _, r, _ = h.exchange()
+    t.protocol.dataReceived(b"HTTP/1.1 2")
+    t.protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(h.reactor.tcpClients) == 1
+    assert r.failure is not None and r.failure.status == 502
+
+
+# ---------------------------------------------------------------------------
+# Pool waiters (item 14)
+# ---------------------------------------------------------------------------
+
+
+def test_abortedWaiterLeavesTheQueueAtOnce() -> None:
+    h = Harness(max_connections_per_destination=1, pool_wait_timeout=30.0)
+    h.exchange()
+    h.connectPending()
+    waiting, r, _ = h.exchange()
+    assert h.pool.queued == 1
+    calls = len(h.reactor.getDelayedCalls())
+    waiting.abort()
+    assert h.pool.queued == 0
+    assert len(h.reactor.getDelayedCalls()) == calls - 1, "the wait timeout must be cancelled"
+    assert r.failure is None
+
+
+def test_cancelledAcquireIsRemovedAndTheNextWaiterServed() -> None:
+    h = Harness(max_connections_per_destination=1)
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    d = h.pool.acquire(ORIGIN)
+    _, second, _ = h.exchange()
+    d.cancel()
+    d.addErrback(lambda f: f.trap(CancelledError))
+    t.clear()
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert first.finished and t.value() == HEAD, "the released connection goes to the live waiter"
+
+
+def test_fullQueueOfOneDestinationDoesNotBlockAnother() -> None:
+    h = Harness(max_connections_per_destination=1, queue_per_destination=1)
+    h.exchange()
+    h.exchange()
+    other = Destination("http", "127.0.0.2", 8080, ("127.0.0.2",))
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", Recorder(), ClientSocket()).start(other)
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", Recorder(), ClientSocket()).start(other)
+    assert (h.pool.queued, h.pool.rejected) == (2, 0)
+
+
+def test_freedTotalRoomServesTheOldestWaiterThatFits() -> None:
+    h = Harness(max_connections_total=1)
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    other = Destination("http", "127.0.0.2", 8080, ("127.0.0.2",))
+    second = Recorder()
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", second, ClientSocket()).start(other)
+    assert h.pool.queued == 1
+    t.protocol.connectionLost(Failure(ConnectionLost()))
+    assert h.pool.queued == 0
+    assert h.reactor.tcpClients[-1][:2] == ("127.0.0.2", 8080)
+
+
+def test_abortWhileConnectingPoolsTheNewConnection() -> None:
+    h = Harness()
+    exchange, r, _ = h.exchange()
+    exchange.abort()
+    t = h.connectPending()
+    assert t.value() == b"" and not t.disconnecting
+    assert h.pool.openConnections == 1
+    _, second, _ = h.exchange()
+    assert len(h.reactor.tcpClients) == 1 and t.value() == HEAD
+    assert r.failure is None
+
+
+# ---------------------------------------------------------------------------
+# An early answer or a failure during an upload (item 3)
+# ---------------------------------------------------------------------------
+
+
+def test_earlyAnswerLetsAPausedClientGoAndIgnoresTheRestOfTheBody() -> None:
+    h = Harness()
+    exchange, r, client = h.exchange(framing=BodyFraming.LENGTH, method=b"POST")
+    t = h.connectPending()
+    exchange.writeBody(b"part")
+    t.producer.pauseProducing()  # the origin stopped reading
+    assert client.paused and exchange.bodyWanted
+    t.protocol.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert r.finished
+    assert not client.paused, "a client left paused never gets to read its answer"
+    assert not exchange.bodyWanted
+    sent = t.value()
+    exchange.writeBody(b"more")
+    exchange.finishBody()
+    assert t.value() == sent and t.producer is None
+    assert t.disconnecting, "a connection with half a request body on it is not reused"
+
+
+def test_secondHeadAfterAnEarlyAnswerReachesNobody() -> None:
+    h = Harness()
+    exchange, r, _ = h.exchange(framing=BodyFraming.LENGTH, method=b"POST")
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+    assert r.started[0] == 413 and r.body == []
+    _, second, _ = h.exchange()
+    assert len(h.reactor.tcpClients) == 2 and second.started is None
+
+
+def test_failureDuringAnUploadLetsAPausedClientGo() -> None:
+    h = Harness()
+    exchange, r, client = h.exchange(framing=BodyFraming.CHUNKED, method=b"POST")
+    t = h.connectPending()
+    t.producer.pauseProducing()
+    t.protocol.connectionLost(Failure(ConnectionLost()))
+    assert r.failure is not None and r.failure.status == 502
+    assert not client.paused and not exchange.bodyWanted
+
+
+def test_connectFailureWithABodyHeldBackLetsTheClientGo() -> None:
+    h = Harness()
+    exchange, r, client = h.exchange(framing=BodyFraming.LENGTH, method=b"POST")
+    exchange.writeBody(b"x" * (PENDING_BODY_LIMIT + 1))
+    assert client.paused
+    factory = h.reactor.tcpClients[0][2]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert r.failure is not None and r.failure.status == 502
+    assert not client.paused
+
+
+def test_abortedExchangeNeverPausesTheClientAgain() -> None:
+    h = Harness()
+    exchange, r, client = h.exchange(framing=BodyFraming.LENGTH, method=b"POST")
+    t = h.connectPending()
+    exchange.abort()
+    assert t.producer is None
+    exchange.writeBody(b"x" * (PENDING_BODY_LIMIT + 1))
+    assert not client.paused
