@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import subprocess
+import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -1139,9 +1141,57 @@ def test_sampleLoads(path: Path) -> None:
     settings = config.load(path)
     assert settings.source == str(path)
     # Samples must be safe to run on a workstation: loopback only.
-    from twisted.internet import endpoints, reactor
+    address = config.parseListen(settings.forward.listen)
+    assert address is not None and address.interface, f"{path.name} listens on all interfaces"
+    assert ipaddress.ip_address(address.interface).is_loopback, settings.forward.listen
+    assert not any("OPEN PROXY" in notice for notice in settings.notices)
 
-    endpoint = endpoints.serverFromString(reactor, settings.forward.listen)
-    interface = getattr(endpoint, "_interface", "")
-    assert interface, f"{path.name} listens on all interfaces"
-    assert ipaddress.ip_address(interface).is_loopback, settings.forward.listen
+
+def test_propertiesSampleTellsTheTruthAboutTLS() -> None:
+    """Issue 7 item 20: listener TLS and outbound mutual TLS are mapped now."""
+    text = (ETC / "application.properties").read_text(encoding="utf-8")
+    assert "not supported yet" not in text
+    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "TLS is supported both ways" in comments
+
+
+def _sampleExamples(text: str) -> set[str]:
+    """The dotted keys (and array tables) the sample marks C{# example}."""
+    examples, section = set(), ""
+    for line in text.splitlines():
+        code, _, comment = line.partition("#")
+        header = re.fullmatch(r"\s*\[\[?\s*([\w.]+)\s*\]\]?\s*", code)
+        if header:
+            section = header.group(1)
+            if comment.strip() == "example":
+                examples.add(section)
+        elif "=" in code and comment.strip() == "example":
+            examples.add(f"{section}.{code.split('=')[0].strip()}")
+    return examples
+
+
+def test_tomlSampleShowsTheEmbeddedDefaults() -> None:
+    """
+    Issue 7 item 20: every value etc/mydataproxy.toml sets is the embedded
+    default, except where the sample says "# example".
+    """
+    path = ETC / "mydataproxy.toml"
+    text = path.read_text(encoding="utf-8")
+    assert 'except on lines marked\n# "# example"' in text
+    examples = _sampleExamples(text)
+    assert examples == {"forward.client_allow", "egress.rules"}
+    loaded, defaults = config.load(path), Settings()
+    compared = 0
+    for section, table in tomllib.loads(text).items():
+        for key, value in table.items():
+            if f"{section}.{key}" in examples:
+                continue
+            ours, theirs = getattr(loaded, section), getattr(defaults, section)
+            if isinstance(value, dict):  # [upstream.tls]
+                ours, theirs, keys = getattr(ours, key), getattr(theirs, key), list(value)
+            else:
+                keys = [key]
+            for name in keys:
+                assert getattr(ours, name) == getattr(theirs, name), f"{section}.{key} {name}"
+                compared += 1
+    assert compared > 30, "the sample should show (nearly) every key"
