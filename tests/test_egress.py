@@ -765,3 +765,70 @@ def test_client_refusal_applies_to_connect(proxy_factory, fresh_origin):
         "(refused by forward.client_allow (no match))",
     )
     watch.assert_untouched()
+
+
+# ---------------------------------------------------------------------------
+# Issue 7 item 12: names the rules refuse are not resolved
+# ---------------------------------------------------------------------------
+
+
+def test_names_refused_by_the_rules_are_never_resolved(proxy_factory, fresh_origin, dns_server):
+    """
+    With host rules and default deny, an unlisted name is refused without a
+    DNS query: the name would otherwise leave the closed network through DNS
+    (and a slow answer would turn the 403 into a 504).
+    """
+    port = fresh_origin.port
+    proxy = proxy_factory(
+        egress={
+            "rules": [
+                {"name": "bank", "action": "allow", "hosts": [BANK]},
+                {"name": "no corp", "action": "deny", "hosts": ["*.corp.egress.test"]},
+            ],
+            "default": "deny",
+        },
+        forward={"connect_ports": [port]},
+    )
+    leaked = ["a.exfil.egress.test", "b.exfil.egress.test", "c.exfil.egress.test", "x.corp.egress.test"]
+    for name in [BANK, *leaked]:
+        dns_server.set(name, ["127.0.0.1"], ttl=0)  # answered if ever asked
+    watch = OriginWatch(fresh_origin)
+    uri = f"http://{leaked[0]}:{port}/leak"
+    assert_denied(absolute(proxy, uri, leaked[0]))
+    assert_logged(proxy, http_refusal_needle("GET", uri, "egress.default (deny)"))
+    assert_denied(header_routed(proxy, f"http://{leaked[1]}:{port}", "/leak/header"))
+    assert_logged(proxy, http_refusal_needle("GET", "/leak/header", "egress.default (deny)"))
+    assert_denied(tunnel_get(proxy, f"{leaked[2]}:{port}"))
+    assert_logged(proxy, connect_refusal_needle(leaked[2], port, "egress.default (deny)"))
+    uri = f"http://{leaked[3]}:{port}/leak/rule"
+    assert_denied(absolute(proxy, uri, leaked[3]))
+    assert_logged(proxy, http_refusal_needle("GET", uri, "egress.rules[1] no corp"))
+    watch.assert_untouched()
+    for name in leaked:
+        assert dns_server.queries(name) == [], f"{name} was asked of DNS"
+    # The allowed name still is resolved, and reached.
+    assert_reached_origin(absolute(proxy, f"http://{BANK}:{port}/echo", BANK))
+    assert "A" in dns_server.queries(BANK)
+
+
+# ---------------------------------------------------------------------------
+# Issue 7 item 15: ports of absolute-form and header-routed requests
+# ---------------------------------------------------------------------------
+
+
+def test_http_ports_limit_absolute_and_header_routed_requests(proxy_factory, fresh_origin):
+    port = fresh_origin.port
+    proxy = proxy_factory(forward={"http_ports": [80, 443, 8080, 8443], "connect_ports": [port]})
+    watch = OriginWatch(fresh_origin)
+    for resp in (
+        absolute(proxy, f"{fresh_origin.url}/ports/absolute", fresh_origin.authority),
+        header_routed(proxy, fresh_origin.url, "/ports/header"),
+    ):
+        assert_short_text_error(resp, 403)
+    assert len(wait_log(proxy, "forward.http_ports", 2)) >= 2, proxy.output()[-3000:]
+    watch.assert_untouched()
+    # Tunnels follow connect_ports, not http_ports.
+    assert tunnel_get(proxy, fresh_origin.authority).status == 200
+    opened = proxy_factory(forward={"http_ports": [80, f"{port}-{port}"]})
+    assert_reached_origin(absolute(opened, f"{fresh_origin.url}/echo", fresh_origin.authority))
+    assert_reached_origin(header_routed(opened, fresh_origin.url, "/echo"))
