@@ -456,8 +456,9 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
             names = []
             for name in check.stringList(dotted, value):
                 if name.strip().lower() == "host":
-                    # The proxy sets Host from the target whatever the
-                    # filter says; the test harness's configs still list it.
+                    # Listing Host changes nothing (the proxy sets it from
+                    # the target), and configs copied from the earlier
+                    # default ["host", "x-target-host"] keep loading.
                     continue
                 try:
                     names.append(headerFilterName(name))

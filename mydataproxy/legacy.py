@@ -135,7 +135,7 @@ def _seconds(text: str) -> float:
 def _headers(text: str) -> frozenset[bytes]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     # The Java default lists host: we set Host from the target anyway, so it
-    # is dropped here rather than refused as in TOML.
+    # is dropped, not refused (as in TOML).
     return frozenset(
         headerFilterName(name) for name in names if name.lower() != "host"
     ) | _ALWAYS_FILTERED
