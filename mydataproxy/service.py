@@ -1,6 +1,11 @@
 """
-The daemon's service tree: listeners, the upstream pool and the access log,
-started and stopped together by twistd.
+The daemon's service tree: listeners, the upstream pool, the authenticator
+and the access log, started and stopped together by twistd.
+
+Stopping (SIGTERM) closes the listeners first; the connections still open
+are torn down by the reactor during its shutdown, and their access lines are
+written because the access log (and the authenticator's threads) stop only
+after that, in the reactor's "after shutdown" phase.
 """
 
 from __future__ import annotations
@@ -10,15 +15,15 @@ import signal
 import txaio
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from mydataproxy.auth import Htpasswd
+from mydataproxy.auth import Htpasswd, ProxyAuthenticator
 from mydataproxy.config import Settings
 from mydataproxy.forward import ForwardProxy
+from mydataproxy.listener import TLSListener
 from mydataproxy.logs import AccessLog
 from mydataproxy.resolver import Resolver
 from mydataproxy.tls import OriginTLS, ServerTLS
@@ -80,25 +85,44 @@ class ProxyService(MultiService):
         self.accessLog = AccessLog(settings.logging.access_log, reactor)
         self.originTLS = OriginTLS(settings.upstream.tls, settings.upstream.tls_profiles)
         self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS)
-        htpasswd = Htpasswd.load(settings.forward.auth_file) if settings.forward.auth_file else None
-        forward: Factory = ForwardProxy(
-            settings, self.pool, Resolver(reactor, settings.resolver), self.accessLog, reactor, htpasswd
+        forwardSettings = settings.forward
+        self.authenticator = (
+            ProxyAuthenticator(Htpasswd.load(forwardSettings.auth_file), forwardSettings.auth_realm, reactor)
+            if forwardSettings.auth_file
+            else None
         )
-        self.serverTLS = ServerTLS(settings.forward.tls) if settings.forward.tls else None
+        forward: Factory = ForwardProxy(
+            settings, self.pool, Resolver(reactor, settings.resolver), self.accessLog, reactor, self.authenticator
+        )
+        self.serverTLS = ServerTLS(forwardSettings.tls) if forwardSettings.tls else None
+        self.tlsListener: TLSListener | None = None
         if self.serverTLS is not None:
-            forward = TLSMemoryBIOFactory(self.serverTLS, False, forward)
-            forward.noisy = False
-        ListenerService("forward", settings.forward.listen, forward, reactor).setServiceParent(self)
+            forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
+        ListenerService("forward", forwardSettings.listen, forward, reactor).setServiceParent(self)
+        self._reloads = DeferredLock()
 
-    def reloadTLS(self) -> None:
-        """Re-read every key and trust store (SIGHUP); failures keep the old."""
+    def reloadTLS(self) -> Deferred:
+        """
+        Re-read every key and trust store (SIGHUP), in a thread; the new
+        material is swapped in on the reactor thread, and a store that fails
+        keeps the old.  Reloads run one after the other.
+
+        @return: fires when this reload is done.
+        """
         log.info("SIGHUP: reloading key and trust stores")
-        if self.serverTLS is not None:
-            self.serverTLS.reload()
-        self.originTLS.reload()
+        return self._reloads.run(self._reloadAll)
+
+    def _reloadAll(self) -> Deferred:
+        holders = [holder for holder in (self.serverTLS, self.originTLS) if holder is not None]
+        return gatherResults([holder.reload(self.reactor) for holder in holders])
 
     def startService(self) -> None:
         super().startService()
+        if self.authenticator is not None:
+            self.authenticator.start()
+        # After the reactor's "during" phase, which tears down the
+        # connections still open (their access lines come then).
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._stopLast)
         # twistd leaves SIGHUP at its default, which kills the process.
         signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reloadTLS))
 
@@ -118,10 +142,15 @@ class ProxyService(MultiService):
         super().privilegedStartService()
 
     def stopService(self) -> Deferred:
+        """Stop listening and close idle upstream connections; the rest stops after shutdown."""
         d = super().stopService()
         self.pool.closeIdle()
-        d.addBoth(lambda result: (self.accessLog.stop(), result)[1])
         return d
+
+    def _stopLast(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.accessLog.stop()
 
 
 def makeService(settings: Settings, reactor=None) -> ProxyService:

@@ -31,7 +31,10 @@ from service_identity.hazmat import (
     verify_service_identity,
 )
 from twisted.internet import ssl
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mydataproxy.config import OriginTLSProfile, ServerTLSSettings, StoreRef
@@ -158,6 +161,26 @@ def buildServerContext(settings: ServerTLSSettings) -> tuple[SSL.Context, list[x
     return context, list(identity.chain) + trusted
 
 
+class ServerConnection(SSL.Connection):
+    """
+    A server-side connection that keeps the error its handshake failed
+    with, for the listener's log (Twisted passes it to the application only).
+
+    @ivar handshakeError: the error, or L{None}.
+    """
+
+    handshakeError: SSL.Error | None = None
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except SSL.WantReadError:
+            raise
+        except SSL.Error as e:
+            self.handshakeError = e
+            raise
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """A listener's TLS material; L{reload} swaps it for new handshakes."""
@@ -171,19 +194,33 @@ class ServerTLS:
         """Log what is loaded (at start; reloads report themselves)."""
         reportExpiry(self.label, self._certificates)
 
-    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+    def serverConnectionForTLS(self, tlsProtocol) -> ServerConnection:
+        return ServerConnection(self._context, None)
 
-    def reload(self) -> bool:
-        """Re-read the stores; on failure keep the current material."""
-        try:
-            context, certificates = buildServerContext(self.settings)
-        except TLSConfigError as e:
-            log.error("{label}: reload failed, keeping the current certificates: {e}", label=self.label, e=e)
-            return False
-        self._context, self._certificates = context, certificates
+    def reload(self, reactor) -> Deferred:
+        """
+        Re-read the stores in a thread of C{reactor}'s pool (a JCEKS key
+        takes a quarter of a second) and swap the result in on the reactor
+        thread; on failure keep the current material.
+
+        @return: fires with whether the new material was taken.
+        """
+        return deferToThreadPool(reactor, reactor.getThreadPool(), buildServerContext, self.settings).addCallbacks(
+            self._install, _reloadFailed, errbackArgs=(self.label, "certificates")
+        )
+
+    def _install(self, built: tuple[SSL.Context, list[x509.Certificate]]) -> bool:
+        self._context, self._certificates = built
         self.report()
         return True
+
+
+def _reloadFailed(failure: Failure, label: str, what: str) -> bool:
+    if failure.check(TLSConfigError):
+        log.error("{label}: reload failed, keeping the current {what}: {e}", label=label, what=what, e=failure.value)
+    else:
+        log.failure("{label}: reload failed, keeping the current {what}", failure, label=label, what=what)
+    return False
 
 
 def clientSubject(transport) -> str:
@@ -371,14 +408,19 @@ class OriginTLS:
             return f"certificate could not be checked ({type(e).__name__}: {e})"[:200]
         return None
 
-    def reload(self) -> bool:
-        """Re-read the stores; on failure keep the current material."""
-        try:
-            default, profiles, certificates = self._build()
-        except TLSConfigError as e:
-            log.error("upstream.tls: reload failed, keeping the current material: {e}", e=e)
-            return False
-        self._default, self._profiles, self._certificates = default, profiles, certificates
+    def reload(self, reactor) -> Deferred:
+        """
+        Re-read the stores in a thread of C{reactor}'s pool and swap the
+        result in on the reactor thread; on failure keep the current material.
+
+        @return: fires with whether the new material was taken.
+        """
+        return deferToThreadPool(reactor, reactor.getThreadPool(), self._build).addCallbacks(
+            self._install, _reloadFailed, errbackArgs=("upstream.tls", "material")
+        )
+
+    def _install(self, built) -> bool:
+        self._default, self._profiles, self._certificates = built
         self.report()
         return True
 

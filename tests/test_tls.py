@@ -31,6 +31,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -636,6 +637,140 @@ def test_client_auth_want_and_certificate_rules(proxy_factory, material, origin,
                        "--proxy-cert", str(p["intruder.cert.pem"]), "--proxy-key", str(p["intruder.key.pem"]))
     assert foreign.status != 200, foreign
     assert not any(INTRUDER_SUBJECT in l for l in proxy.access_lines())
+
+
+# --- refusals and failed handshakes on the listener ---------------------------
+
+
+@pytest.fixture(scope="module")
+def listener_material(tmp_path_factory) -> SimpleNamespace:
+    """A listener identity, a client certificate from its CA and one from a foreign CA (no keytool)."""
+    d = tmp_path_factory.mktemp("listener-refusals")
+    ca = make_ca("Refusals CA")
+    foreignCA = make_ca("Foreign CA")
+    paths = SimpleNamespace(dir=d, ca=d / "ca.pem", store=write_pem_identity(d / "server.pem", server_leaf(ca)))
+    paths.ca.write_bytes(ca.cert_pem())
+    for label, leaf in (("client", make_leaf(ca, "gateway", org="Example Bank", client=True)),
+                        ("foreign", make_leaf(foreignCA, "intruder", org="Elsewhere", client=True))):
+        (d / f"{label}.cert.pem").write_bytes(leaf.cert_pem())
+        (d / f"{label}.key.pem").write_bytes(leaf.key_pem())
+        setattr(paths, label, (d / f"{label}.cert.pem", d / f"{label}.key.pem"))
+    return paths
+
+
+def closed_within(sock, seconds: float) -> float | None:
+    """Seconds until the peer closed C{sock} without sending a byte, or None if it did not in time."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(4096)
+    except (ConnectionResetError, TimeoutError):
+        data = None if time.monotonic() - started >= seconds else b""
+    if data is None:
+        return None
+    assert data == b"", data[:100]
+    return time.monotonic() - started
+
+
+def served_tls_connection(proxy, context: ssl.SSLContext, origin) -> RawConnection:
+    """A TLS connection that got a 200, retried while the one-connection slot is still taken."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            c = tls_connection(proxy.port, context, timeout=5)
+        except (ssl.SSLError, ConnectionError):
+            # Until the proxy has seen the close of an earlier connection (the harness's port probe).
+            assert time.monotonic() < deadline, output_tail(proxy)
+            time.sleep(0.1)
+            continue
+        c.send(build_request("GET", f"{origin.url}/echo", [("Host", origin.authority)]))
+        assert c.read_response().status == 200
+        return c
+
+
+def test_connection_beyond_the_limits_is_closed_before_tls(proxy_factory, listener_material, origin):
+    """Under a TLS listener a refused connection cannot get its 503 (no handshake yet): closed at once."""
+    proxy = proxy_factory(forward={"tls": {"key_store": str(listener_material.store)}},
+                          limits={"max_connections_per_client": 1})
+    context = tls_context(listener_material.ca)
+    with served_tls_connection(proxy, context, origin):
+        with socket.create_connection((LOOPBACK, proxy.port)) as second:
+            elapsed = closed_within(second, 5)
+        assert elapsed is not None and elapsed < 2, "the refused connection is held open"
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            tls_connection(proxy.port, context, timeout=5).close()
+        lines = wait_output(proxy, r"connection from 127\.0\.0\.1 closed before TLS: refused by the connection limits",
+                            count=2)
+        assert len(lines) >= 2 and re.search(r"\(\d+ so far\)", lines[-1]), output_tail(proxy)
+    # The slot is free again once the first connection is gone.
+    served_tls_connection(proxy, context, origin).close()
+
+
+def test_silent_client_is_closed_at_the_handshake_deadline(proxy_factory, listener_material):
+    """A client that connects and never sends a ClientHello is closed within a few seconds."""
+    from mydataproxy.listener import HANDSHAKE_SECONDS
+
+    proxy = proxy_factory(forward={"tls": {"key_store": str(listener_material.store)},
+                                   "client_idle_timeout": 60.0},
+                          limits={"header_timeout": 60.0})
+    with socket.create_connection((LOOPBACK, proxy.port)) as silent:
+        port = silent.getsockname()[1]
+        elapsed = closed_within(silent, HANDSHAKE_SECONDS + 5)
+    assert elapsed is not None, "a silent client holds its connection past the handshake deadline"
+    assert HANDSHAKE_SECONDS - 0.5 <= elapsed <= HANDSHAKE_SECONDS + 2, elapsed
+    assert wait_output(proxy, rf"TLS handshake from 127\.0\.0\.1:{port} not complete within "
+                              rf"{HANDSHAKE_SECONDS} s: closed \(1 so far\)"), output_tail(proxy)
+
+
+def test_failed_handshakes_are_logged_with_client_and_reason(proxy_factory, listener_material, origin):
+    m = listener_material
+    proxy = proxy_factory(forward={"tls": {"key_store": str(m.store), "client_auth": "need",
+                                           "trust_store": str(m.ca)}})
+
+    def attempt(certificate: tuple[Path, Path] | None) -> int:
+        context = tls_context(m.ca)
+        if certificate is not None:
+            context.load_cert_chain(*map(str, certificate))
+        c = RawConnection(proxy.port, timeout=10)
+        port = c.sock.getsockname()[1]
+        try:
+            c.sock = context.wrap_socket(c.sock, server_hostname=LOOPBACK)
+            # TLS 1.3: the client may think it is done; the refusal comes with the first read.
+            c.send(build_request("GET", f"{origin.url}/echo", [("Host", origin.authority)]))
+            c.read_response()
+        except (ssl.SSLError, ConnectionError, OSError):
+            pass
+        else:
+            raise AssertionError("the handshake was expected to fail")
+        finally:
+            c.close()
+        return port
+
+    def plain() -> int:
+        with RawConnection(proxy.port, timeout=10) as c:
+            port = c.sock.getsockname()[1]
+            c.send(build_request("GET", f"{origin.url}/echo?plain", [("Host", origin.authority)]))
+            try:
+                answer = c.read_to_eof()
+            except OSError:
+                answer = b""
+        assert not answer.startswith(b"HTTP/"), answer[:100]
+        return port
+
+    expected = [
+        (plain(), "plain HTTP on the TLS port"),
+        (attempt(None), "no client certificate"),
+        (attempt(m.foreign), "client certificate not trusted"),
+    ]
+    for number, (port, why) in enumerate(expected, 1):
+        lines = wait_output(proxy, rf"TLS handshake from 127\.0\.0\.1:{port} failed: ")
+        assert lines, (why, output_tail(proxy))
+        assert why in lines[0] and f"({number} failed handshakes so far)" in lines[0], lines[0]
+    # The good client is served, and its handshake is not counted as failed.
+    good = curl_via(proxy, f"{origin.url}/echo?good", m.ca,
+                    "--proxy-cert", str(m.client[0]), "--proxy-key", str(m.client[1]))
+    assert (good.returncode, good.status) == (0, 200), good
+    assert len(wait_output(proxy, r"TLS handshake from .* failed", timeout=1)) == 3, output_tail(proxy)
 
 
 # ===========================================================================
