@@ -150,8 +150,8 @@ class LogWatch:
 class PacedSender(threading.Thread):
     """
     Sends C{block} C{count} times on C{sock}, C{interval} seconds apart,
-    from a thread; C{error} is the C{OSError} that stopped it, if any, and
-    C{failed_at} when it happened.
+    from a thread started at once; C{sent} counts the bytes sent, C{error}
+    is the C{OSError} that stopped it, if any.
     """
 
     def __init__(self, sock: socket.socket, block: bytes, count: int, interval: float = 0.0) -> None:
@@ -162,7 +162,6 @@ class PacedSender(threading.Thread):
         self.interval = interval
         self.sent = 0
         self.error: OSError | None = None
-        self.failed_at: float | None = None
         self.start()
 
     def run(self) -> None:
@@ -174,7 +173,6 @@ class PacedSender(threading.Thread):
                     time.sleep(self.interval)
         except OSError as e:
             self.error = e
-            self.failed_at = time.monotonic()
 
 
 def closed_within(c: RawConnection, seconds: float) -> float | None:
@@ -420,7 +418,6 @@ def test_refused_request_with_body_coming_is_closed_promptly(request, recorder, 
                % (recorder.url.encode(), recorder.authority.encode(), HUGE))
         sender = PacedSender(c.sock, BLOCK, HUGE // len(BLOCK), interval=0.01)
         resp = c.read_response()
-        answered = time.monotonic()
         assert_short_text_error(resp, status)
         closed = closed_within(c, PROMPT)
         assert closed is not None, (
@@ -428,7 +425,6 @@ def test_refused_request_with_body_coming_is_closed_promptly(request, recorder, 
         )
     finally:
         c.close()
-    assert sender.failed_at is None or sender.failed_at - answered < PROMPT
     assert [r["target"] for r in recorder.requests_since(mark)] == []
 
 
