@@ -495,12 +495,12 @@ class ProxyAuthenticator:
         if isinstance(outcome, Failure):
             # A bug, not the client's fault: not counted against it.
             log.failure("checking the password of {user!r} failed", outcome, user=user)
-            charged.count -= 1
+            self._refund(client, charged)
             for _, result in waiters:
                 result.errback(Refusal(500, "authentication failed", "forward.auth_file"))
             return
         if outcome:
-            charged.count -= 1
+            self._refund(client, charged)
         else:
             self.failed += 1
         for waiter, result in waiters:
@@ -533,3 +533,9 @@ class ProxyAuthenticator:
                 self._failures.popitem(last=False)
         failures.count += 1
         return failures
+
+    def _refund(self, client: str, charged: _Failures) -> None:
+        """Take back a failure counted in advance (the check did not fail)."""
+        charged.count -= 1
+        if not charged.count and self._failures.get(client) is charged:
+            del self._failures[client]

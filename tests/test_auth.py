@@ -628,6 +628,7 @@ def test_successesAreNotCountedAsFailures(authenticator, tmp_path: Path) -> None
         seen = outcome(a.authenticate(credentials(f"u{i}", "right"), "10.0.0.1"))
         pool.runAll()
         assert seen.user == f"u{i}", i
+    assert not a._failures, "clients without failures are not remembered"
 
 
 def test_identicalCredentialsShareOneCheck(authenticator, hashpwCalls: list[bytes]) -> None:
@@ -643,7 +644,10 @@ def test_identicalCredentialsShareOneCheck(authenticator, hashpwCalls: list[byte
                for client in ("10.0.0.1", "10.0.0.2")]
     pool.runAll()
     assert [g.status for g in guesses] == [407, 407]
-    assert a._failures["10.0.0.2"].count == 1
+    for i in range(auth.FAILURE_LIMIT - 1):
+        outcome(a.authenticate(credentials("user2", f"more{i}"), "10.0.0.2"))
+        pool.runAll()
+    assert outcome(a.authenticate(credentials("user2", "pw2"), "10.0.0.2")).status == 429
 
 
 def test_queueIsBoundedWith503(authenticator) -> None:
