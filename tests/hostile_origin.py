@@ -127,6 +127,10 @@ class HostileOrigin:
             time.sleep(0.02)
 
     def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
             for c in self.connections:
