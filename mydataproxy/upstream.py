@@ -877,6 +877,9 @@ class UpstreamExchange:
                 self._connection.transport.write(b"0\r\n\r\n")
         if self._connection is not None:
             self._unregisterBody()
+            # A transport unregistering its producer does not resume it: a
+            # client paused by the last full write would stay paused.
+            self._valve.close()
             if self._timeoutCall is None and not self._readPaused:
                 # The origin has the whole request: from now on its silence
                 # is its own (a slow upload is the client's doing).

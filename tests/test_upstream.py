@@ -784,3 +784,14 @@ def test_abortedExchangeNeverPausesTheClientAgain() -> None:
     assert t.producer is None
     exchange.writeBody(b"x" * (PENDING_BODY_LIMIT + 1))
     assert not client.paused
+
+
+def test_clientPausedByTheLastFullWriteIsResumedWhenTheBodyEnds() -> None:
+    h = Harness()
+    exchange, r, client = h.exchange(framing=BodyFraming.LENGTH, method=b"POST")
+    t = h.connectPending()
+    exchange.writeBody(b"all of it")
+    t.producer.pauseProducing()
+    exchange.finishBody()
+    assert t.producer is None
+    assert not client.paused, "an unregistered producer is never resumed by the transport"
