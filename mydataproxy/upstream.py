@@ -92,8 +92,10 @@ class UpstreamError(Exception):
 
     @ivar status: 502, 503 or 504.
     @ivar reason: A short plain-text explanation for the client and the log.
-    @ivar retryable: True if no byte of the request can have been acted on
-        (a stale pooled connection closed before it read anything).
+    @ivar retryable: True if a reused pooled connection closed before any
+        byte of a response: the origin may have dropped it as stale, or may
+        have acted on the request, so only a safe request is sent again
+        (RFC 9112 section 9.3.1).
     @ivar retryAfter: Seconds for a C{Retry-After} field, if worth sending.
     """
 
