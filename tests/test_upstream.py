@@ -795,3 +795,20 @@ def test_clientPausedByTheLastFullWriteIsResumedWhenTheBodyEnds() -> None:
     exchange.finishBody()
     assert t.producer is None
     assert not client.paused, "an unregistered producer is never resumed by the transport"
+
+
+def test_freedRoomGoesToTheOldestWaiterAcrossDestinations() -> None:
+    h = Harness(max_connections_total=1)
+    _, first, _ = h.exchange()
+    t = h.connectPending()
+    b = Destination("http", "127.0.0.2", 8080, ("127.0.0.2",))
+    c = Destination("http", "127.0.0.3", 8080, ("127.0.0.3",))
+    b1 = UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", Recorder(), ClientSocket())
+    b1.start(b)
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", Recorder(), ClientSocket()).start(c)
+    UpstreamExchange(h.pool, HEAD, BodyFraming.NONE, b"GET", Recorder(), ClientSocket()).start(b)
+    b1.abort()  # now the oldest waiter is the one for c, though b's queue came first
+    assert h.pool.queued == 2
+    t.protocol.connectionLost(Failure(ConnectionLost()))
+    assert h.reactor.tcpClients[-1][:2] == ("127.0.0.3", 8080)
+    assert h.pool.queued == 1
