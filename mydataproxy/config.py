@@ -455,11 +455,6 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
         elif key == "header_filter":
             names = []
             for name in check.stringList(dotted, value):
-                if name.strip().lower() == "host":
-                    # Listing Host changes nothing (the proxy sets it from
-                    # the target), and configs copied from the earlier
-                    # default ["host", "x-target-host"] keep loading.
-                    continue
                 try:
                     names.append(headerFilterName(name))
                 except ValueError as e:

@@ -1,18 +1,22 @@
 """
-The forward-proxy listener: an C{HTTPChannel} whose requests are relayed to
-origins as they stream in, and whose CONNECT requests become tunnels.
+The forward-proxy listener: a channel that parses requests itself and relays
+each to its origin as it streams in; CONNECT requests become tunnels.
 
-C{HTTPChannel} hands a request to its C{Request} only after the whole body
-has arrived.  A proxy must start the upstream exchange as soon as the head is
-complete, so L{ForwardChannel} tells its current request the request line as
-soon as it is parsed, and L{ForwardRequest} starts relaying in C{gotLength}
-(called when the head is complete), streams the body from
-C{handleContentChunk}, and treats C{requestReceived} as "body complete".
+Why not C{twisted.web.http.HTTPChannel}: a proxy must start the upstream
+exchange as soon as the head is complete, and HTTPChannel hands a request
+over only once its body has arrived; the hooks that let us get in earlier
+are not a public API, its parser works line by line, forgets how header
+names were spelled, and has neither a bound on chunk sizes nor a way to
+stop reading a body it refused.  L{ForwardChannel} owns the connection:
+heads are parsed in one pass (L{mydataproxy.framing}), one request is
+handled at a time (pipelined ones wait in the buffer), and a response that
+ends before its request body did is followed by a bounded linger, then the
+connection closes.
 
 A request passes, in order: the limits on its head (414, 431, 408), its
 framing (400), the client allow-list (403), the rate limit (429), target
-parsing (400, 403), the body limit (413), proxy authentication (407), the
-CONNECT port list (403), name resolution (502, 504) and the egress policy on
+parsing (400, 403), the port lists (403), the body limit (413), proxy
+authentication (407), name resolution (502, 504) and the egress policy on
 the resolved addresses (403).
 """
 
@@ -23,23 +27,22 @@ import time
 from dataclasses import replace
 
 import txaio
-from twisted.internet import defer, threads
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web.iweb import INonQueuedRequestFactory
-from zope.interface import implementer, provider
+from zope.interface import implementer
 
 from mydataproxy import headers as rules
-from mydataproxy.auth import Htpasswd, challenge, parseBasic
+from mydataproxy.auth import ProxyAuthenticator
 from mydataproxy.config import LimitSettings, Settings
-from mydataproxy.framing import BodyFramingCheck, headerProblem, requestLineProblem
+from mydataproxy.framing import BodyDecoder, HeadRefused, RequestHead, parseRequestHead
 from mydataproxy.headers import plainResponse
 from mydataproxy.limits import ConnectionCounter, RateLimiter
 from mydataproxy.logs import AccessLog
-from mydataproxy.policy import ClientAccess, EgressPolicy, Request as PolicyRequest, connectAllowed
+from mydataproxy.policy import ClientAccess, EgressPolicy, Request as PolicyRequest, connectAllowed, httpPortAllowed
 from mydataproxy.resolver import Resolver
 from mydataproxy.tls import clientSubject
 from mydataproxy.target import Mode, Refusal, Target, parseTarget
@@ -52,6 +55,13 @@ log = txaio.make_logger()
 # Credentials in a request target are never logged.
 _USERINFO = re.compile(rb"//[^/?#@]*@")
 
+# After a response that ended before its request body did: read and drop at
+# most this much of the rest, for at most this long, then close.  Closing at
+# once would make the kernel answer the unread bytes with a reset, which can
+# destroy the response before the client has read it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+
 
 class RefusedConnection(Protocol):
     """Answers a connection beyond the limits with one response, then closes."""
@@ -62,6 +72,10 @@ class RefusedConnection(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(self.response)
         self.transport.loseConnection()
+
+
+def _displayURI(uri: bytes) -> str:
+    return _USERINFO.sub(b"//", uri[:1024]).decode("ascii", "replace")
 
 
 class ForwardProxy(Factory):
@@ -79,7 +93,7 @@ class ForwardProxy(Factory):
         resolver: Resolver,
         accessLog: AccessLog,
         reactor,
-        htpasswd: Htpasswd | None = None,
+        authenticator: ProxyAuthenticator | None = None,
     ) -> None:
         self.settings = settings
         self.limits = settings.limits
@@ -89,7 +103,7 @@ class ForwardProxy(Factory):
         self.resolver = resolver
         self.accessLog = accessLog
         self.reactor = reactor
-        self.htpasswd = htpasswd
+        self.authenticator = authenticator
         self.connections = ConnectionCounter(settings.limits)
         self.rate = RateLimiter(settings.limits, reactor)
         self.tunnels: set[Tunnel] = set()
@@ -114,59 +128,45 @@ class ForwardProxy(Factory):
         refusal = self.connections.admit(client)
         if refusal is not None:
             log.warn("503 connection from {client} refused by {rule}", client=client, rule=refusal)
+            self.accessLog.record(
+                client=f"{client}:{getattr(addr, 'port', '')}", method="-", target="-", status=503,
+                bytesIn=0, bytesOut=0, seconds=0.0, upstream="",
+            )
             return RefusedConnection(
                 plainResponse(503, "too many connections", close=True, fields=[(b"Retry-After", b"1")])
             )
         channel = ForwardChannel(client)
         channel.factory = self
-        channel.timeOut = self.settings.forward.client_idle_timeout
         return channel
 
-    def log(self, request: "ForwardRequest") -> None:
-        """C{Request.finish} calls this: write the access line."""
-        request.recordAccess()
-
-    def authenticate(self, credentials: list[bytes] | None) -> defer.Deferred:
+    def admitClient(self, client: str) -> None:
         """
-        The user a request's C{Proxy-Authorization} proves (L{None} when
-        authentication is off).  A password not recently verified is checked
-        in a thread: bcrypt takes long enough to stall the reactor.
+        The checks before any target work: client allow-list and rate.
 
-        @return: Deferred firing with the user, or failing with a 407
-            L{Refusal}.
+        @param client: The client's address (see L{ClientAccess.clientAddress}).
+        @raise Refusal: When one of them refuses.
         """
-        htpasswd = self.htpasswd
-        if htpasswd is None:
-            return defer.succeed(None)
-        parsed = parseBasic(credentials[0]) if credentials else None
-        if parsed is None:
-            return defer.fail(self._authenticationRequired())
-        if htpasswd.recentlyVerified(*parsed):
-            return defer.succeed(parsed[0])
+        decision = self.access.allowed(client)
+        if not decision.allowed:
+            raise Refusal(403, "client address not allowed", decision.rule)
+        if self.rate.enabled:
+            wait = self.rate.retryAfter(client)
+            if wait is not None:
+                raise Refusal(
+                    429, "too many requests", "limits.requests_per_second",
+                    fields=[(b"Retry-After", b"%d" % wait)],
+                )
 
-        def checked(valid: bool) -> str:
-            if not valid:
-                raise self._authenticationRequired()
-            return parsed[0]
-
-        return threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), htpasswd.verify, *parsed
-        ).addCallback(checked)
-
-    def _authenticationRequired(self) -> Refusal:
-        return Refusal(
-            407,
-            "proxy authentication required",
-            "forward.auth_file",
-            fields=[(b"Proxy-Authenticate", challenge(self.settings.forward.auth_realm))],
-        )
-
-    def admit(self, credentials: list[bytes] | None, target: Target, certificate: str) -> defer.Deferred:
+    def admit(
+        self, credentials: list[bytes] | None, target: Target, certificate: str, client: str
+    ) -> defer.Deferred:
         """
         Authenticate, check a CONNECT port, then route: the L{Destination}
         C{target} may use.
 
         @param certificate: The client certificate's subject ('' if none).
+        @param client: The client's address (failed authentications are
+            limited per client).
         """
 
         def authenticated(user: str | None) -> defer.Deferred:
@@ -177,7 +177,9 @@ class ForwardProxy(Factory):
                     raise Refusal(403, f"CONNECT to port {port} is not allowed", decision.rule)
             return self.route(target, user, certificate)
 
-        return self.authenticate(credentials).addCallback(authenticated)
+        if self.authenticator is None:
+            return defer.maybeDeferred(authenticated, None)
+        return self.authenticator.authenticate(credentials, client).addCallback(authenticated)
 
     def route(self, target: Target, user: str | None, certificate: str) -> defer.Deferred:
         """
@@ -188,9 +190,15 @@ class ForwardProxy(Factory):
             addresses, or failing with a L{Refusal} (403) or a resolution
             error.
         """
-        return self.resolver.resolve(target.destination.host).addCallback(
-            self.decide, target, user, certificate
+        destination = target.destination
+        refused = self.egress.refusedByName(
+            PolicyRequest(target.mode.value, destination.host, destination.port, user, certificate)
         )
+        if refused is not None:
+            # Decided without asking DNS: the name of a refused destination
+            # never leaves the closed network.
+            return defer.fail(Refusal(403, "destination not allowed", refused.rule))
+        return self.resolver.resolve(destination.host).addCallback(self.decide, target, user, certificate)
 
     def decide(self, addresses: list[str], target: Target, user: str | None, certificate: str) -> Destination:
         """
@@ -207,390 +215,509 @@ class ForwardProxy(Factory):
         return replace(destination, addresses=tuple(allowed))
 
 
-class _HeadState:
-    """Where the current request head stands (limits, framing, deadline)."""
+class _Reading:
+    """What the channel does with the bytes it receives."""
 
-    __slots__ = ("awaitingRequestLine", "bytes", "fields", "framing", "deadline")
-
-    def __init__(self) -> None:
-        self.awaitingRequestLine = True
-        self.bytes = 0
-        self.fields = 0
-        self.framing: BodyFramingCheck | None = None
-        self.deadline: IDelayedCall | None = None
-
-
-class _Link:
-    """Who is at the other end: the admitted client, and cached addresses."""
-
-    __slots__ = ("client", "peer", "host", "certificate")
-
-    def __init__(self, client: str) -> None:
-        self.client = client
-        self.peer = None
-        self.host = None
-        self.certificate: str | None = None
+    HEAD = 0  # waiting for (the rest of) a request head
+    BODY = 1  # de-framing the current request's body
+    WAIT = 2  # the body is complete; the response is on its way
+    LINGER = 3  # the response is out; dropping what is left, then closing
+    TUNNEL = 4  # raw bytes for a CONNECT tunnel
 
 
 @implementer(IHalfCloseableProtocol)
-class ForwardChannel(http.HTTPChannel):
+class ForwardChannel(Protocol, TimeoutMixin):
     """
-    An C{HTTPChannel} that streams requests to origins, turns CONNECT
-    requests into tunnels, and enforces the head limits with a reason.
+    One client connection: request heads parsed in one pass, one request
+    relayed at a time, CONNECT handed over to a L{Tunnel}.
+
+    The idle timeout (C{forward.client_idle_timeout}) runs while we wait for
+    the client: between requests, during a request body, and while the client
+    does not read a response; never while the origin has the turn.
     """
 
     factory: ForwardProxy
 
-    def __init__(self, client: str) -> None:
-        super().__init__()
-        self.tunnel: Tunnel | None = None
-        self._head = _HeadState()
-        self._link = _Link(client)
+    # Slots keep per-connection memory small for thousands of idle tunnels.
+    __slots__ = (
+        "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
+        "_persistent", "_headDeadline", "_lingerCall", "_discarded", "_pausedFor", "_processing",
+        "_peer", "_host", "_certificate",
+    )
 
-    # Our per-connection state lives in two slotted objects, and settings are
-    # read through the factory: past 30 attributes an instance's dict stops
-    # sharing its keys with other instances and costs a kilobyte more, which
-    # matters for thousands of idle tunnels.
+    def __init__(self, client: str) -> None:
+        self.tunnel: Tunnel | None = None
+        self.client = client
+        self._state = _Reading.HEAD
+        self._buffer = b""
+        self._scanned = 0
+        self._request: ForwardRequest | None = None
+        self._decoder: BodyDecoder | None = None
+        self._persistent = True
+        self._headDeadline: IDelayedCall | None = None
+        self._lingerCall: IDelayedCall | None = None
+        self._discarded = 0
+        self._pausedFor: set[str] = set()
+        self._processing = False
+        self._peer = None
+        self._host = None
+        self._certificate: str | None = None
 
     @property
     def limits(self) -> LimitSettings:
         return self.factory.limits
 
-    # Ours run first and answer with a reason; HTTPChannel's stay as a
-    # backstop.  Lines longer than MAX_LENGTH go to lineLengthExceeded.
+    def callLater(self, seconds: float, f, *args) -> IDelayedCall:
+        """Timers run on the listener's reactor (a fake clock in tests)."""
+        return self.factory.reactor.callLater(seconds, f, *args)
 
-    @property
-    def MAX_LENGTH(self) -> int:
-        return self.factory.limits.max_header_bytes
-
-    @property
-    def totalHeadersSize(self) -> int:
-        return self.factory.limits.max_header_bytes
-
-    @property
-    def maxHeaders(self) -> int:
-        return self.factory.limits.max_headers
+    # Who is at the other end.
 
     def getPeer(self):
-        # Asked for by every request; the answer never changes.
-        if self._link.peer is None:
-            self._link.peer = self.transport.getPeer()
-        return self._link.peer
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
 
     def getHost(self):
-        if self._link.host is None:
-            self._link.host = self.transport.getHost()
-        return self._link.host
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
 
     def clientCertificate(self) -> str:
         """The subject of the client's verified TLS certificate, or ''."""
-        if self._link.certificate is None:
-            self._link.certificate = clientSubject(self.transport)
-        return self._link.certificate
+        if self._certificate is None:
+            self._certificate = clientSubject(self.transport)
+        return self._certificate
 
     def clientAddress(self) -> str:
         """The socket peer's IP address as text."""
         peer = self.getPeer()
         return getattr(peer, "host", str(peer))
 
-    def refuseHead(self, status: int, reason: str, rule: str = "") -> None:
-        """Answer a request whose head we won't read, log it, and close."""
-        log.info(
-            "{status} from {client}: {reason}{rule}",
-            status=status,
-            client=self.clientAddress(),
-            reason=reason,
-            rule=f" ({rule})" if rule else "",
-        )
-        self._cancelHeadDeadline()
-        if self.requests:
-            self.requests[-1].setResponseCode(status)  # for its access line
-        self.transport.write(plainResponse(status, reason, close=True))
-        self.loseConnection()
+    def clientEndpoint(self) -> str:
+        """The socket peer as C{address:port}, for the access log."""
+        peer = self.getPeer()
+        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
-    # The request head, line by line.
+    # Connection life.
 
-    def lineReceived(self, line: bytes) -> None:
-        if self._head.awaitingRequestLine:
-            if not line:
-                return  # blank lines before a request are ignored (RFC 9112 2.2)
-            self._head.bytes, self._head.fields = len(line) + 2, 0
-            parts = line.split(b" ")
-            if len(parts) == 3 and len(parts[1]) > self.limits.max_uri_bytes:
-                self.refuseHead(414, "URI too long", "limits.max_uri_bytes")
-                return
-            problem = requestLineProblem(line)
-            if problem:
-                self.refuseHead(400, f"bad request: {problem}")
-                return
-            super().lineReceived(line)
-            if self.requests and not self.transport.disconnecting:
-                self._head.awaitingRequestLine = False
-                method, uri, version = parts
-                self._head.framing = BodyFramingCheck(version)
-                self.requests[-1].requestLineReceived(method, uri, version)
-            return
-        self._head.bytes += len(line) + 2
-        if self._head.bytes > self.limits.max_header_bytes:
-            self.refuseHead(431, "request header fields too large", "limits.max_header_bytes")
-            return
-        if line[:1] in (b" ", b"\t"):
-            self.refuseHead(400, "bad request: obsolete line folding in header")
-            return
-        super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        if self._head.awaitingRequestLine:
-            self.refuseHead(414, "URI too long", "limits.max_uri_bytes")
-        else:
-            self.refuseHead(431, "request header fields too large", "limits.max_header_bytes")
-
-    def headerReceived(self, line: bytes) -> bool:
-        self._head.fields += 1
-        if self._head.fields > self.limits.max_headers:
-            self.refuseHead(431, "too many request header fields", "limits.max_headers")
-            return False
-        problem = headerProblem(line)
-        if problem is None:
-            name, _, value = line.partition(b":")
-            problem = self._head.framing.problem(name, value)
-        if problem:
-            self.refuseHead(400, f"bad request: {problem}")
-            return False
-        return super().headerReceived(line)
-
-    def allHeadersReceived(self) -> None:
-        self._cancelHeadDeadline()
-        request = self.requests[-1]
-        if request.method == b"CONNECT":
-            del self.requests[-1]
-            self.startTunnel(request)
-            return
-        super().allHeadersReceived()
-
-    def allContentReceived(self) -> None:
-        if self.tunnel is not None:
-            return  # a CONNECT head has no content; what follows is the tunnel's
-        self._head.awaitingRequestLine = True
-        super().allContentReceived()
-
-    # The deadline for a whole request head (slowloris).
+    def connectionMade(self) -> None:
+        self.setTimeout(self.factory.settings.forward.client_idle_timeout)
 
     def timeoutConnection(self) -> None:
-        peer = self.getPeer()
         log.info(
-            "closing idle connection from {host}:{port} (forward.client_idle_timeout)",
-            host=getattr(peer, "host", peer),
-            port=getattr(peer, "port", ""),
+            "closing idle connection from {client} (forward.client_idle_timeout)",
+            client=self.clientEndpoint(),
         )
-        super().timeoutConnection()
+        if self._request is None:
+            self.transport.loseConnection()
+        else:
+            # Mid-request: a client that neither sends nor reads gets no
+            # flush to wait for.
+            self.transport.abortConnection()
 
-    def _armHeadDeadline(self) -> None:
-        self._head.deadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
+    def pauseReading(self, why: str) -> None:
+        """Stop reading from the client for reason C{why} (until resumed)."""
+        if not self._pausedFor:
+            self.transport.pauseProducing()
+        self._pausedFor.add(why)
+
+    def resumeReading(self, why: str) -> None:
+        """C{why} no longer holds reading back."""
+        if why in self._pausedFor:
+            self._pausedFor.discard(why)
+            if not self._pausedFor:
+                self.transport.resumeProducing()
+
+    # Receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _Reading.TUNNEL:
+            self.tunnel.fromClient(data)
+            return
+        if state == _Reading.LINGER:
+            self._discard(len(data))
+            return
+        self.resetTimeout()
+        if state == _Reading.BODY and not self._buffer:
+            self._buffer = data
+        else:
+            if not self._buffer and state == _Reading.HEAD and self._headDeadline is None:
+                self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
+            self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle what the buffer holds, as far as the current state allows."""
+        if self._processing:
+            return  # a request finished from inside the loop; the loop goes on
+        self._processing = True
+        try:
+            while self._buffer:
+                state = self._state
+                if state == _Reading.HEAD:
+                    if not self._readHead():
+                        return
+                elif state == _Reading.BODY:
+                    if not self._readBody():
+                        return
+                elif state == _Reading.WAIT:
+                    if len(self._buffer) > self.limits.max_header_bytes:
+                        self.pauseReading("pipelined")
+                    return
+                elif state == _Reading.LINGER:
+                    self._discard(len(self._buffer))
+                    self._buffer = b""
+                else:
+                    data, self._buffer = self._buffer, b""
+                    self.tunnel.fromClient(data)
+        finally:
+            self._processing = False
+
+    def _readHead(self) -> bool:
+        """Parse one request head if it is all here; False to wait for more."""
+        buffer = self._buffer
+        if buffer[:2] == b"\r\n":
+            # Blank lines before a request are ignored (RFC 9112 2.2).
+            self._buffer = buffer = buffer.lstrip(b"\r\n")
+            self._scanned = 0
+            if not buffer:
+                return False
+        end = buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        limits = self.limits
+        if end < 0:
+            bareLF = buffer.find(b"\n\n", max(0, self._scanned - 2)) >= 0
+            self._scanned = len(buffer)
+            if len(buffer) > limits.max_header_bytes:
+                if buffer.find(b"\r\n", 0, limits.max_uri_bytes + 64) < 0:
+                    self.refuseHead(HeadRefused(414, "URI too long", "limits.max_uri_bytes"))
+                else:
+                    self.refuseHead(
+                        HeadRefused(431, "request header fields too large", "limits.max_header_bytes")
+                    )
+            elif bareLF:
+                self.refuseHead(HeadRefused(400, "bad request: bare LF in request head"))
+            return False
+        if end + 4 > limits.max_header_bytes:
+            self.refuseHead(HeadRefused(431, "request header fields too large", "limits.max_header_bytes"))
+            return False
+        self._scanned = 0
+        self._cancelHeadDeadline()
+        try:
+            head = parseRequestHead(buffer[:end], limits.max_uri_bytes, limits.max_headers)
+        except HeadRefused as refusal:
+            self.refuseHead(refusal, buffer[: min(end, 200)].split(b"\r\n", 1)[0])
+            return False
+        self._buffer = buffer[end + 4 :]
+        if head.method == b"CONNECT":
+            self._startTunnel(head)
+            return True
+        self._persistent = head.persistent
+        request = ForwardRequest(self, head)
+        self._request = request
+        if head.hasBody:
+            self._decoder = BodyDecoder(head.contentLength, head.chunked, limits.max_body_bytes)
+            self._state = _Reading.BODY
+        else:
+            self._state = _Reading.WAIT
+            self.setTimeout(None)
+        request.start()
+        return True
+
+    def _readBody(self) -> bool:
+        """De-frame what is buffered; False to wait for more."""
+        request, decoder = self._request, self._decoder
+        try:
+            pieces, used = decoder.feed(self._buffer)
+        except HeadRefused as refusal:
+            self._buffer = b""
+            request.bodyRefused(refusal)
+            return True
+        self._buffer = self._buffer[used:] if used < len(self._buffer) else b""
+        for piece in pieces:
+            request.bodyReceived(piece)
+        if not decoder.done:
+            return False
+        if self._state == _Reading.BODY:
+            self._decoder = None
+            self._state = _Reading.WAIT
+            self.setTimeout(None)
+            request.bodyFinished()
+        return True
+
+    # The current request tells us where it stands.
+
+    @property
+    def persistent(self) -> bool:
+        """May another request follow the current one on this connection?"""
+        return self._persistent
+
+    def closeAfterResponse(self) -> None:
+        """The current response is the last on this connection."""
+        self._persistent = False
+
+    @property
+    def bodyPending(self) -> bool:
+        """Is the current request's body still arriving?"""
+        return self._state == _Reading.BODY
+
+    def requestDone(self, request: "ForwardRequest") -> None:
+        """C{request}'s response is complete: the next one, or close."""
+        if request is not self._request:
+            return
+        self._request = None
+        request.recordAccess()
+        if self._state == _Reading.BODY:
+            self._linger()
+            return
+        if not self._persistent:
+            self.transport.loseConnection()
+            return
+        self._state = _Reading.HEAD
+        self.setTimeout(self.factory.settings.forward.client_idle_timeout)
+        self.resumeReading("pipelined")
+        if self._buffer:
+            self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
+            self._process()
+
+    def _linger(self) -> None:
+        """Drop the rest of a body nobody will read, then close (bounded)."""
+        self._state = _Reading.LINGER
+        self._decoder = None
+        self._persistent = False
+        self.setTimeout(None)
+        self._pausedFor.clear()
+        self.transport.resumeProducing()
+        if ITCPTransport.providedBy(self.transport) and not ISSLTransport.providedBy(self.transport):
+            # Our FIN after the response tells the client to stop sending
+            # (TLS has no half-close).
+            self.transport.loseWriteConnection()
+        self._lingerCall = self.callLater(LINGER_SECONDS, self._lingerOver)
+        self._discard(len(self._buffer))
+        self._buffer = b""
+
+    def _discard(self, size: int) -> None:
+        self._discarded += size
+        if self._discarded > LINGER_BYTES:
+            self._lingerOver()
+
+    def _lingerOver(self) -> None:
+        if self._lingerCall is not None and self._lingerCall.active():
+            self._lingerCall.cancel()
+        self._lingerCall = None
+        self.transport.loseConnection()
+
+    # Refusals of a head.
+
+    def refuseHead(self, refusal: HeadRefused, requestLine: bytes = b"") -> None:
+        """Answer a request head we won't read on, log it, and close."""
+        log.info(
+            "{status} from {client}: {reason}{rule}",
+            status=refusal.status,
+            client=self.clientAddress(),
+            reason=refusal.reason,
+            rule=f" ({refusal.rule})" if refusal.rule else "",
+        )
+        self._cancelHeadDeadline()
+        method, _, rest = requestLine.partition(b" ")
+        self.factory.accessLog.record(
+            client=self.clientEndpoint(),
+            method=method[:32].decode("ascii", "replace") or "-",
+            target=_displayURI(rest.rpartition(b" ")[0]) or "-",
+            status=refusal.status,
+            bytesIn=0,
+            bytesOut=0,
+            seconds=0.0,
+            upstream="",
+            certificate=self.clientCertificate(),
+        )
+        self._buffer = b""
+        self.transport.write(plainResponse(refusal.status, refusal.reason, close=True))
+        self._linger()
 
     def _cancelHeadDeadline(self) -> None:
-        if self._head.deadline is not None:
-            if self._head.deadline.active():
-                self._head.deadline.cancel()
-            self._head.deadline = None
+        if self._headDeadline is not None:
+            if self._headDeadline.active():
+                self._headDeadline.cancel()
+            self._headDeadline = None
 
     def _headTimedOut(self) -> None:
-        self._head.deadline = None
+        self._headDeadline = None
         self.refuseHead(
-            408,
-            f"request head not complete within {self.limits.header_timeout:g} s",
-            "limits.header_timeout",
+            HeadRefused(
+                408,
+                f"request head not complete within {self.limits.header_timeout:g} s",
+                "limits.header_timeout",
+            )
         )
 
     # CONNECT
 
-    def startTunnel(self, request: "ForwardRequest") -> None:
+    def _startTunnel(self, head: RequestHead) -> None:
         """Leave HTTP: from here on the connection's bytes belong to a tunnel."""
-        self._head.framing = None
         self.setTimeout(None)
-        self.setRawMode()
-        self.transport.unregisterProducer()
-        self.tunnel = Tunnel(self, request.tunnelTarget(), request.credentials(), self.factory)
+        self._state = _Reading.TUNNEL
+        target: Target | Refusal
+        client = self.factory.access.clientAddress(self.clientAddress(), head.values(b"x-forwarded-for"))
+        try:
+            self.factory.admitClient(client)
+            target = parseTarget(head.method, head.target, None)
+        except Refusal as refusal:
+            logRefusal(refusal, head, client)
+            target = refusal
+        self.tunnel = Tunnel(self, target, head.values(b"proxy-authorization"), self.factory)
         self.tunnel.start()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.fromClient(data)
-            return
-        if self._head.deadline is None and not self.requests:
-            self._armHeadDeadline()  # the first bytes of a new request head
-        super().dataReceived(data)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.fromClient(data)
-            return
-        super().rawDataReceived(data)
-        if self.transport.disconnecting and self.requests and not self.requests[-1].bodyComplete:
-            # HTTPChannel's chunk decoder refused the body with a bare 400.
-            self.requests[-1].setResponseCode(400)
-            log.info("400 from {client}: malformed chunked request body", client=self.clientAddress())
+    # The client closing.
 
     def readConnectionLost(self) -> None:
         """The client half-closed: end a tunnel's one direction, or finish HTTP."""
         if self.tunnel is not None:
             self.tunnel.clientReadClosed()
-        elif self.requests and self.requests[0].bodyComplete:
+        elif self._state == _Reading.WAIT:
             # Answer the request in progress, then close.
-            self.persistent = False
+            self._persistent = False
         else:
-            # Idle, or a request whose body can now never be complete.
-            self.loseConnection()
+            # Idle, lingering, or a request whose body can now never be complete.
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         """Our half-close towards the client completed; nothing to do."""
 
     def connectionLost(self, reason: Failure) -> None:
+        self.setTimeout(None)
         self._cancelHeadDeadline()
-        self.factory.connections.release(self._link.client)
+        if self._lingerCall is not None and self._lingerCall.active():
+            self._lingerCall.cancel()
+        self.factory.connections.release(self.client)
         if self.tunnel is not None:
             self.tunnel.clientLost(reason)
-        super().connectionLost(reason)
+        request, self._request = self._request, None
+        if request is not None:
+            request.clientLost()
+
+
+def logRefusal(refusal: Refusal, head: RequestHead, client: str) -> None:
+    """The log line of a request the proxy refused."""
+    log.info(
+        "{status} {method} {uri} from {client}: {reason}{rule}",
+        status=refusal.status,
+        method=head.method.decode("ascii", "replace"),
+        uri=_displayURI(head.target),
+        client=client,
+        reason=refusal.reason,
+        rule=f" (refused by {refusal.rule})" if refusal.rule else "",
+    )
 
 
 @implementer(IPushProducer)
 class _ClientBodyThrottle:
     """
-    Pauses the client socket while the origin can't take more request body.
+    Pauses reading from the client while the origin can't take more body.
 
     Unlike the transport itself, C{stopProducing} does not close the client:
     the origin connection going away must still let us answer 502.
     """
 
-    def __init__(self, transport) -> None:
-        self._transport = transport
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: ForwardChannel) -> None:
+        self._channel = channel
 
     def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
+        self._channel.pauseReading("body")
 
     def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
+        self._channel.resumeReading("body")
 
     def stopProducing(self) -> None:
         pass
 
 
-@provider(INonQueuedRequestFactory)
-class ForwardRequest(http.Request):
+# Never reflected by a TRACE the proxy answers itself.
+_SECRET_FIELDS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
+
+
+@implementer(IPushProducer)
+class ForwardRequest:
     """
-    One proxied request.  Relaying starts when the head is complete; the
-    response is finished once both the origin's response and the client's
-    body are complete.
+    One proxied request: admitted when its head is complete, relayed while
+    its body streams in, finished once the origin's response is relayed.
+
+    It is the push producer of its response towards the client: a client
+    that stops reading pauses the origin, and runs the idle timeout.
     """
 
-    channel: ForwardChannel
+    __slots__ = (
+        "channel", "head", "started", "target", "clientIP", "status", "bytesIn", "bytesOut",
+        "upstreamAddress", "_exchange", "_bodyComplete", "_responseStarted", "_finished",
+        "_chunked", "_producing",
+    )
 
-    def __init__(self, channel: ForwardChannel) -> None:
-        super().__init__(channel)
+    def __init__(self, channel: ForwardChannel, head: RequestHead) -> None:
+        self.channel = channel
+        self.head = head
         self.started = time.monotonic()
         self.target: Target | None = None
         self.clientIP = ""
+        self.status = 0
         self.bytesIn = 0
+        self.bytesOut = 0
         self.upstreamAddress = ""
         self._exchange: UpstreamExchange | None = None
-        self._hasBody = False
-        self._bodyComplete = False
-        self._responseComplete = False
-        self._clientGone = False
-
-    @property
-    def bodyComplete(self) -> bool:
-        """Has the whole request body arrived?"""
-        return self._bodyComplete
-
-    def requestLineReceived(self, method: bytes, uri: bytes, version: bytes) -> None:
-        """The channel parsed our request line (before any header)."""
-        self.method, self.uri, self.clientproto = method, uri, version
-        self.path = uri
+        self._bodyComplete = not head.hasBody
+        self._responseStarted = False
+        self._finished = False
+        self._chunked = False
+        self._producing = False
 
     @property
     def proxy(self) -> ForwardProxy:
         return self.channel.factory
 
-    def _admitClient(self) -> None:
-        """
-        The checks before any target work: client allow-list and rate.
+    # Admission
 
-        @raise Refusal: When one of them refuses.
-        """
+    def start(self) -> None:
+        """The head is complete: admit the request and start relaying."""
         proxy = self.proxy
-        self.clientIP = proxy.access.clientAddress(
-            self.channel.clientAddress(), self.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        )
-        decision = proxy.access.allowed(self.clientIP)
-        if not decision.allowed:
-            raise Refusal(403, "client address not allowed", decision.rule)
-        if proxy.rate.enabled:
-            wait = proxy.rate.retryAfter(self.clientIP)
-            if wait is not None:
-                raise Refusal(
-                    429, "too many requests", "limits.requests_per_second",
-                    fields=[(b"Retry-After", b"%d" % wait)],
-                )
-
-    def credentials(self) -> list[bytes] | None:
-        """The C{Proxy-Authorization} values sent."""
-        return self.requestHeaders.getRawHeaders(b"proxy-authorization")
-
-    def tunnelTarget(self) -> Target | Refusal:
-        """For CONNECT: where to, or why not (authentication comes next)."""
-        try:
-            self._admitClient()
-            return parseTarget(self.method, self.uri, None)
-        except Refusal as refusal:
-            self._logRefusal(refusal)
-            return refusal
-
-    def _logRefusal(self, refusal: Refusal) -> None:
-        log.info(
-            "{status} {method} {uri} from {client}: {reason}{rule}",
-            status=refusal.status,
-            method=self.method.decode("ascii", "replace"),
-            uri=_USERINFO.sub(b"//", self.uri).decode("ascii", "replace"),
-            client=self.clientIP or self.channel.clientAddress(),
-            reason=refusal.reason,
-            rule=f" (refused by {refusal.rule})" if refusal.rule else "",
-        )
-
-    # Called by HTTPChannel as the request streams in.
-
-    def gotLength(self, length: int | None) -> None:
-        """The head is complete: route the request and start relaying."""
-        self._hasBody = length != 0
-        proxy = self.proxy
+        head = self.head
         limit = proxy.limits.max_body_bytes
+        self.clientIP = proxy.access.clientAddress(self.channel.clientAddress(), head.values(b"x-forwarded-for"))
         try:
-            self._admitClient()
-            self.target = parseTarget(
-                self.method, self.uri, self.requestHeaders.getRawHeaders(b"x-target-host")
-            )
-            if limit and length is not None and length > limit:
+            proxy.admitClient(self.clientIP)
+            self.target = parseTarget(head.method, head.target, head.values(b"x-target-host"))
+            if self.target.mode is not Mode.CONNECT:
+                port = self.target.destination.port
+                decision = httpPortAllowed(proxy.settings.forward, port)
+                if not decision.allowed:
+                    raise Refusal(403, f"port {port} is not allowed (cross-protocol request)", decision.rule)
+            if limit and head.contentLength is not None and head.contentLength > limit:
                 raise Refusal(413, "request body too large", "limits.max_body_bytes")
+            maxForwards = self._maxForwards()
         except Refusal as refusal:
-            self._logRefusal(refusal)
+            logRefusal(refusal, head, self.clientIP)
             self.refuse(refusal.status, refusal.reason, refusal.fields)
             return
-        if length is None:
+        if maxForwards == 0:
+            self._answerAsFinalRecipient()
+            return
+        if head.chunked:
             framing = BodyFraming.CHUNKED
-        elif length:
+        elif head.contentLength:
             framing = BodyFraming.LENGTH
         else:
             framing = BodyFraming.NONE
         self._exchange = UpstreamExchange(
-            self.proxy.pool,
-            self._upstreamHead(framing),
+            proxy.pool,
+            self._upstreamHead(framing, maxForwards),
             framing,
-            headOnly=self.method == b"HEAD",
+            method=head.method,
             receiver=self,
-            bodyProducer=_ClientBodyThrottle(self.transport),
+            bodyProducer=_ClientBodyThrottle(self.channel),
         )
         known = proxy.resolver.known(self.target.destination.host)
-        if known is not None and proxy.htpasswd is None:
+        if known is not None and proxy.authenticator is None:
             # The common case, decided on the spot: no Deferred round trip.
             try:
                 destination = proxy.decide(known, self.target, None, self.channel.clientCertificate())
@@ -599,169 +726,259 @@ class ForwardRequest(http.Request):
             else:
                 self._routed(destination)
             return
-        proxy.admit(self.credentials(), self.target, self.channel.clientCertificate()).addCallbacks(
-            self._routed, self._routeFailed
+        d = proxy.admit(
+            head.values(b"proxy-authorization"), self.target, self.channel.clientCertificate(), self.clientIP
         )
+        d.addCallback(self._routed)
+        d.addErrback(self._routeFailed)
+
+    def _maxForwards(self) -> int | None:
+        """
+        The C{Max-Forwards} value of an OPTIONS or TRACE request (RFC 9110
+        7.6.2), or L{None}.
+        """
+        values = self.head.values(b"max-forwards")
+        if values is None or self.head.method not in rules.MAX_FORWARDS_METHODS:
+            return None
+        if len(values) != 1 or not values[0].isdigit() or not values[0].isascii():
+            raise Refusal(400, "invalid Max-Forwards")
+        return int(values[0])
+
+    def _answerAsFinalRecipient(self) -> None:
+        """OPTIONS or TRACE with C{Max-Forwards: 0}: the proxy answers."""
+        head = self.head
+        if head.method == b"TRACE":
+            lines = [b"%s %s %s" % (head.method, head.target, head.version)]
+            lines.extend(b"%s: %s" % field for field in head.fields if field[0].lower() not in _SECRET_FIELDS)
+            body = b"\r\n".join(lines) + b"\r\n\r\n"
+            contentType = b"message/http"
+        else:
+            body = b""
+            contentType = b"text/plain; charset=utf-8"
+        self._writeOwnResponse(200, body, [(b"Content-Type", contentType)])
 
     def _routed(self, destination: Destination) -> None:
-        if self._exchange is not None and not self._clientGone:
-            self._exchange.start(destination)
+        if self._exchange is None or self._finished:
+            return
+        head = self.head
+        if (
+            head.version == b"HTTP/1.1"
+            and not self._bodyComplete
+            and self.bytesIn == 0
+            and (head.values(b"expect") or [b""])[0].lower() == b"100-continue"
+        ):
+            # The proxy answers Expect itself (the origin never sees it).
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._exchange.start(destination)
 
     def _routeFailed(self, failure: Failure) -> None:
-        if self._exchange is None or self._clientGone:
+        if self._exchange is None or self._finished:
             return
         if failure.check(Refusal):
-            self._logRefusal(failure.value)
+            logRefusal(failure.value, self.head, self.clientIP)
             self._exchange.abort()
             self.refuse(failure.value.status, failure.value.reason, failure.value.fields)
             return
         self.responseFailed(self.proxy.pool.describeConnectFailure(self.target.destination, failure))
 
-    def _upstreamHead(self, framing: BodyFraming) -> bytes:
-        fields = rules.upstreamRequestHeaders(
-            self.requestHeaders,
+    def _upstreamHead(self, framing: BodyFraming, maxForwards: int | None) -> bytes:
+        head = self.head
+        fields = rules.upstreamRequestFields(
+            head,
             self.proxy.settings.forward.header_filter,
             self.target.destination.authority,
-            self.clientIP.encode("ascii"),
+            self.channel.clientAddress().encode("ascii"),
         )
-        lines = [b"%s %s HTTP/1.1\r\n" % (self.method, self.target.path)]
+        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, self.target.path)]
         lines.extend(b"%s: %s\r\n" % field for field in fields)
+        if maxForwards is not None:
+            lines.append(b"Max-Forwards: %d\r\n" % max(0, maxForwards - 1))
         if framing is BodyFraming.CHUNKED:
             lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif framing is BodyFraming.LENGTH:
+            lines.append(b"Content-Length: %d\r\n" % head.contentLength)
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    def handleContentChunk(self, data: bytes) -> None:
+    # The request body, from the channel.
+
+    def bodyReceived(self, data: bytes) -> None:
         self.bytesIn += len(data)
-        limit = self.proxy.limits.max_body_bytes
-        if limit and self.bytesIn > limit and self._exchange is not None:
-            # A chunked body outgrew the limit: stop relaying, say so if we still can.
-            refusal = Refusal(413, "request body too large", "limits.max_body_bytes")
-            self._logRefusal(refusal)
-            exchange, self._exchange = self._exchange, None
-            exchange.abort()
-            if self.startedWriting:
-                self.channel.transport.abortConnection()
-            else:
-                self.refuse(refusal.status, refusal.reason)
-            return
         if self._exchange is not None:
             self._exchange.writeBody(data)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        """HTTPChannel's "all content received": the body is complete."""
+    def bodyFinished(self) -> None:
         self._bodyComplete = True
         if self._exchange is not None:
             self._exchange.finishBody()
-        self._maybeFinish()
+
+    def bodyRefused(self, refusal: HeadRefused) -> None:
+        """The body broke a framing rule or the body limit: answer and close."""
+        logRefusal(Refusal(refusal.status, refusal.reason, refusal.rule), self.head, self.clientIP)
+        self.channel.closeAfterResponse()
+        if self._exchange is not None:
+            exchange, self._exchange = self._exchange, None
+            exchange.abort()
+        if self._responseStarted:
+            # The head is out; all we can do is cut the response short.
+            self.status = self.status or refusal.status
+            self.channel.transport.abortConnection()
+            return
+        self.refuse(refusal.status, refusal.reason)
 
     # ResponseReceiver: what the origin sends.
 
     def responseStarted(
-        self, status: int, reason: bytes, fields: rules.HeaderList, bodyLength: int | None
+        self,
+        status: int,
+        reason: bytes,
+        fields: rules.HeaderList,
+        bodyLength: int | None,
+        declaredLength: int | None,
     ) -> None:
-        # The head is written here rather than through Request.write and a
-        # Headers object: it keeps the origin's field order and spelling and
-        # costs a third as much on the per-request path.
-        self.code, self.code_message = status, reason
+        # The head keeps the origin's field order and spelling; its framing
+        # is ours, from what the upstream parser found.
+        self.status = status
+        self._responseStarted = True
         self.upstreamAddress = self._exchange.upstreamAddress
-        self.chunked = bodyLength is None and self.clientproto == b"HTTP/1.1"
-        head = [b"%s %d %s\r\n" % (self.clientproto, status, reason)]
+        channel = self.channel
+        version = self.head.version
+        hasBody = not (self.head.method == b"HEAD" or status in (204, 304))
+        if channel.bodyPending:
+            # The rest of the body will be dropped: this response is the last.
+            channel.closeAfterResponse()
+        head = [b"%s %d %s\r\n" % (version, status, reason)]
         head.extend(b"%s: %s\r\n" % field for field in rules.relayedResponseFields(fields))
-        if self.chunked:
-            head.append(b"Transfer-Encoding: chunked\r\n")
-        if not self.channel.persistent and self.clientproto == b"HTTP/1.1":
+        if bodyLength is None:
+            if version == b"HTTP/1.1":
+                self._chunked = True
+                head.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                channel.closeAfterResponse()  # the end of the body is the close
+        elif hasBody:
+            head.append(b"Content-Length: %d\r\n" % bodyLength)
+        elif declaredLength is not None and status != 204:
+            head.append(b"Content-Length: %d\r\n" % declaredLength)
+        if not channel.persistent:
             head.append(b"Connection: close\r\n")
+        elif version == b"HTTP/1.0":
+            head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
-        self.startedWriting = 1
-        self.channel.writeSequence(head)
+        channel.transport.writeSequence(head)
         if bodyLength != 0:
-            self.registerProducer(self._exchange, True)
+            self._producing = True
+            channel.transport.registerProducer(self, True)
 
     def responseData(self, data: bytes) -> None:
-        if self._clientGone:
+        if self._finished:
             return
-        self.sentLength += len(data)
-        if self.chunked:
-            self.channel.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        self.bytesOut += len(data)
+        if self._chunked:
+            self.channel.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            self.channel.write(data)
+            self.channel.transport.write(data)
 
     def responseFinished(self) -> None:
-        if self.producer is not None:
-            self.unregisterProducer()
-        self._responseComplete = True
-        self._maybeFinish()
+        if self._finished:
+            return
+        if self._chunked:
+            self.channel.transport.write(b"0\r\n\r\n")
+        self._done()
 
     def responseFailed(self, failure: UpstreamError) -> None:
-        self.upstreamAddress = self._exchange.upstreamAddress
-        if self.producer is not None:
-            self.unregisterProducer()
+        if self._finished:
+            return
+        if self._exchange is not None:
+            self.upstreamAddress = self._exchange.upstreamAddress
         log.warn(
             "{status} {method} {target}: {reason}",
             status=failure.status,
-            method=self.method.decode("ascii", "replace"),
+            method=self.head.method.decode("ascii", "replace"),
             target=self.target.display,
             reason=failure.reason,
         )
-        if self.startedWriting:
+        if self._responseStarted:
             # The head is out; all we can do is cut the response short.
+            self._finished = True
+            self._stopProducing()
             self.channel.transport.abortConnection()
             return
         retry = [(b"Retry-After", b"%d" % failure.retryAfter)] if failure.retryAfter else []
         self.refuse(failure.status, failure.reason, retry)
+
+    # IPushProducer: the response body towards the client.
+
+    def pauseProducing(self) -> None:
+        if self._exchange is not None:
+            self._exchange.pauseProducing()
+        # A client that does not read is idle too.
+        self.channel.setTimeout(self.proxy.settings.forward.client_idle_timeout)
+
+    def resumeProducing(self) -> None:
+        self.channel.setTimeout(None)
+        if self._exchange is not None:
+            self._exchange.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._exchange is not None:
+            self._exchange.stopProducing()
+
+    def _stopProducing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self.channel.transport.unregisterProducer()
 
     # Answers the proxy gives itself.
 
     def refuse(self, status: int, reason: str, fields: rules.HeaderList = ()) -> None:
         """Answer C{status} with a plain-text C{reason} (the caller logs why)."""
         body = (reason + "\n").encode("utf-8")
-        self.setResponseCode(status)
-        self.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
-        self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
-        for name, value in fields:
-            self.responseHeaders.addRawHeader(name, value)
-        if self._hasBody and not self._bodyComplete:
-            # Don't wait for a body nobody will read before closing, and
-            # don't invite it with a 100 Continue.
-            self.channel.persistent = False
-            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            self.requestHeaders.removeHeader(b"expect")
-        self.write(body)
-        self._responseComplete = True
-        self._maybeFinish()
+        self._writeOwnResponse(status, body, [(b"Content-Type", b"text/plain; charset=utf-8"), *fields])
 
-    def _maybeFinish(self) -> None:
-        if self._bodyComplete and self._responseComplete and not self.finished and not self._clientGone:
-            self.finish()
-            # The exchange points back at us; let go so no cycle is left for
-            # the garbage collector (whose pauses show in tail latency).
-            self._exchange = None
+    def _writeOwnResponse(self, status: int, body: bytes, fields: rules.HeaderList) -> None:
+        channel = self.channel
+        if channel.bodyPending:
+            # Don't wait for a body nobody will read.
+            channel.closeAfterResponse()
+        self.status = status
+        self.bytesOut = len(body)
+        channel.transport.write(
+            rules.ownResponse(self.head.version, status, body, fields, close=not channel.persistent)
+        )
+        self._done()
+
+    def _done(self) -> None:
+        self._finished = True
+        self._stopProducing()
+        self._maybeDone()
+
+    def _maybeDone(self) -> None:
+        if not self._finished:
+            return
+        # The exchange points back at us; let go so no cycle is left for the
+        # garbage collector (whose pauses show in tail latency).
+        self._exchange = None
+        self.channel.requestDone(self)
 
     def recordAccess(self) -> None:
         """Write this request's access line."""
-        peer = self.client
         self.proxy.accessLog.record(
-            client=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
-            method=self.method.decode("ascii", "replace"),
-            target=self.target.display if self.target else _USERINFO.sub(b"//", self.uri).decode("ascii", "replace"),
-            status=self.code,
+            client=self.channel.clientEndpoint(),
+            method=self.head.method.decode("ascii", "replace"),
+            target=self.target.display if self.target else _displayURI(self.head.target),
+            status=self.status,
             bytesIn=self.bytesIn,
-            bytesOut=self.sentLength,
+            bytesOut=self.bytesOut,
             seconds=time.monotonic() - self.started,
             upstream=self.upstreamAddress,
             certificate=self.channel.clientCertificate(),
         )
 
-    def connectionLost(self, reason: Failure) -> None:
-        self._clientGone = True
-        if self._exchange is not None:
-            self._exchange.abort()
-        if not self.finished:
+    def clientLost(self) -> None:
+        """The client connection is gone."""
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.abort()
+        if not self._finished:
+            self._finished = True
             self.recordAccess()
-        # Last: Request.connectionLost lets go of the channel.
-        super().connectionLost(reason)
-
-
-# Set here, not per instance: ForwardRequest is defined after the channel.
-ForwardChannel.requestFactory = ForwardRequest

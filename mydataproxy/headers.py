@@ -3,8 +3,9 @@ Header rules a proxy applies in both directions (RFC 9110 section 7.6).
 
 Hop-by-hop fields describe one connection, not the message, so they are
 removed before a message is relayed: the fixed set below, plus every name the
-C{Connection} field lists.  Framing (C{Transfer-Encoding}, C{Content-Length}
-on chunked messages) is redone by the proxy for each connection.
+C{Connection} field lists.  Framing (C{Transfer-Encoding} and
+C{Content-Length}) is redone by the proxy for each connection, from what
+it parsed: it is never copied, so no field list can remove or forge it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from twisted.web.http import RESPONSES
-from twisted.web.http_headers import Headers
+
+from mydataproxy.framing import RequestHead
 
 VIA = b"1.1 mydataproxy"
 
@@ -30,10 +32,15 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Request fields the proxy sets itself or consumes: Host is rewritten from the
-# target, Expect is answered by the proxy (it sends the 100 itself), Via and
-# X-Forwarded-For are appended to rather than copied.
-_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"expect", b"via", b"x-forwarded-for"})
+# Fields the proxy writes itself, whatever the message carried: framing
+# (Content-Length, Transfer-Encoding) from what it parsed, Host from the
+# target; Expect is answered by the proxy (it sends the 100 itself); Via and
+# X-Forwarded-For are appended to.  No Connection option and no filter entry
+# can touch these.
+_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"expect", b"via", b"x-forwarded-for"})
+# Max-Forwards counts hops for these methods only (RFC 9110 7.6.2).
+MAX_FORWARDS_METHODS = (b"OPTIONS", b"TRACE")
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -58,69 +65,93 @@ def _appended(existing: Sequence[bytes] | None, value: bytes) -> bytes:
     return value
 
 
-def upstreamRequestHeaders(
-    headers: Headers, drop: frozenset[bytes], host: bytes, clientAddress: bytes
+def via(version: bytes) -> bytes:
+    """Our C{Via} entry for a message received with HTTP C{version}."""
+    return (version[5:] if version.startswith(b"HTTP/") else b"1.1") + b" mydataproxy"
+
+
+def upstreamRequestFields(
+    head: RequestHead, drop: frozenset[bytes], host: bytes, peerAddress: bytes
 ) -> HeaderList:
     """
-    The header fields to send to the origin for a client request.
+    The header fields to send to the origin for a client request, framing
+    fields excepted (the caller writes those from what it parsed).
 
-    @param headers: The fields the client sent.
+    @param head: The client's request head.
     @param drop: Lower-cased names never forwarded (the configured filter).
     @param host: The value for C{Host} (the target's authority).
-    @param clientAddress: The client's IP address, appended to
-        C{X-Forwarded-For}.
-    @return: (name, value) pairs in the client's order, repeated fields kept.
+    @param peerAddress: The address of the client socket (the hop we
+        received the request from), appended to C{X-Forwarded-For}.
+    @return: (name, value) pairs in the client's order and spelling,
+        repeated fields kept.
     """
-    listed = connectionTokens(headers.getRawHeaders(b"connection", ()))
+    listed = head.connection
     out: HeaderList = [(b"Host", host)]
-    for name, values in headers.getAllRawHeaders():
+    for name, value in head.fields:
         lower = name.lower()
         if (
             lower in HOP_BY_HOP
             or lower in _REWRITTEN_REQUEST_FIELDS
             or lower in listed
             or lower in drop
+            or (lower == b"max-forwards" and head.method in MAX_FORWARDS_METHODS)
         ):
             continue
-        out.extend((name, value) for value in values)
-    forwardedFor = None if b"x-forwarded-for" in drop else headers.getRawHeaders(b"x-forwarded-for")
-    out.append((b"X-Forwarded-For", _appended(forwardedFor, clientAddress)))
-    out.append((b"Via", _appended(headers.getRawHeaders(b"via"), VIA)))
+        out.append((name, value))
+    forwardedFor = None if b"x-forwarded-for" in drop else head.values(b"x-forwarded-for")
+    out.append((b"X-Forwarded-For", _appended(forwardedFor, peerAddress)))
+    out.append((b"Via", _appended(head.values(b"via"), via(head.version))))
     return out
 
 
 def relayedResponseFields(fields: HeaderList) -> HeaderList:
     """
-    The origin's response fields to relay to the client: hop-by-hop fields
-    removed, our C{Via} appended to the origin's.
+    The origin's response fields to relay to the client: hop-by-hop and
+    framing fields removed (the proxy frames the response itself), our
+    C{Via} appended to the origin's.
     """
     lowered = [(name.lower(), name, value) for name, value in fields]
     listed = connectionTokens([v for lower, _, v in lowered if lower == b"connection"])
     out: HeaderList = []
-    via: list[bytes] = []
+    vias: list[bytes] = []
     for lower, name, value in lowered:
-        if lower in HOP_BY_HOP or lower in listed:
+        if lower in HOP_BY_HOP or lower in _FRAMING_FIELDS or lower in listed:
             continue
         if lower == b"via":
-            via.append(value)
+            vias.append(value)
         else:
             out.append((name, value))
-    out.append((b"Via", _appended(via, VIA)))
+    out.append((b"Via", _appended(vias, VIA)))
     return out
+
+
+def ownResponse(
+    version: bytes, status: int, body: bytes, fields: HeaderList = (), close: bool = False
+) -> bytes:
+    """
+    A complete response the proxy gives itself, to a request of HTTP
+    C{version}; an HTTP/1.0 connection kept open says so.
+    """
+    phrase = RESPONSES.get(status, b"Error")
+    if close:
+        connection = b"Connection: close\r\n"
+    elif version == b"HTTP/1.0":
+        connection = b"Connection: keep-alive\r\n"
+    else:
+        connection = b""
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, phrase),
+            *(b"%s: %s\r\n" % field for field in fields),
+            b"Content-Length: %d\r\n" % len(body),
+            connection,
+            b"\r\n",
+            body,
+        ]
+    )
 
 
 def plainResponse(status: int, reason: str, close: bool, fields: HeaderList = ()) -> bytes:
     """A complete plain-text response, for answers the proxy gives itself."""
     body = (reason + "\n").encode("utf-8")
-    phrase = RESPONSES.get(status, b"Error")
-    return b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (status, phrase),
-            b"Content-Type: text/plain; charset=utf-8\r\n",
-            b"Content-Length: %d\r\n" % len(body),
-            *(b"%s: %s\r\n" % field for field in fields),
-            b"Connection: close\r\n" if close else b"",
-            b"\r\n",
-            body,
-        ]
-    )
+    return ownResponse(b"HTTP/1.1", status, body, [(b"Content-Type", b"text/plain; charset=utf-8"), *fields], close)

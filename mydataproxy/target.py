@@ -11,6 +11,7 @@ L{Target} or refused with a L{Refusal} (status and short reason).
 from __future__ import annotations
 
 import enum
+import re
 from typing import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from mydataproxy.hosts import normaliseHost
 from mydataproxy.upstream import Destination
 
 MISSING_TARGET_HOST = "you have to include x-target-host header"
+
+# RFC 3986 3.3: a path is pchar and "/"; pchar is unreserved, pct-encoded,
+# sub-delims, ":" and "@".  Nothing else may reach an origin's request line.
+_PATH = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 
 
 class Mode(enum.Enum):
@@ -152,6 +157,8 @@ def parseTarget(method: bytes, uri: bytes, targetHosts: list[bytes] | None) -> T
         destination, base = parseURL(targetHosts[0].strip())
         if b"?" in base or b"#" in base:
             raise Refusal(400, "x-target-host must not carry a query or fragment")
+        if _PATH.fullmatch(base) is None:
+            raise Refusal(400, "x-target-host base path has characters a path may not carry")
         if base.endswith(b"/"):
             base = base[:-1]
         return Target(Mode.HEADER, destination, base + uri)

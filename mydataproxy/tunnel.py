@@ -111,7 +111,9 @@ class Tunnel:
         self.proxy.tunnels.add(self)
         reactor = self.proxy.reactor
         credentials, self.credentials = self.credentials, None
-        d = self.proxy.admit(credentials, self.target, self.channel.clientCertificate())
+        d = self.proxy.admit(
+            credentials, self.target, self.channel.clientCertificate(), self.channel.clientAddress()
+        )
         d.addCallback(
             lambda destination: connect(
                 reactor,

@@ -616,7 +616,9 @@ def default_config(port: int, access_log: Path, connect_ports, dns: DnsServer, *
             "listen": f"tcp:{port}:interface={LOOPBACK}",
             "client_allow": [],
             "connect_ports": sorted(set(connect_ports)),
-            "header_filter": ["host", "x-target-host", "x-secret-internal"],
+            "header_filter": ["x-target-host", "x-secret-internal"],
+            # The test origins listen on ephemeral ports; 25 and 6379 stay out.
+            "http_ports": [80, 443, 8080, 8443, "10000-65535"],
             "client_idle_timeout": 60.0,
         },
         "upstream": {

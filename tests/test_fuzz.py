@@ -14,7 +14,7 @@ from datetime import timedelta
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mydataproxy.framing import VERSIONS, BodyFramingCheck, headerProblem, requestLineProblem
+from mydataproxy.framing import VERSIONS, BodyDecoder, HeadRefused, headerProblem, parseRequestHead, requestLineProblem
 from mydataproxy.hosts import normaliseHost
 from mydataproxy.policy import guardedRange
 from mydataproxy.target import Mode, Refusal, Target, parseTarget
@@ -131,22 +131,81 @@ framing_fields = st.lists(
 
 @FUZZ
 @given(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]), framing_fields)
-def test_bodyFramingCheckNeverAcceptsAmbiguousFraming(version: bytes, fields) -> None:
-    check = BodyFramingCheck(version)
-    lengths = chunked = 0
-    for name, value in fields:
-        problem = check.problem(name, value)
-        assert problem is None or isinstance(problem, str)
-        if problem is not None:
-            return  # the request is refused here
-        lower = name.lower()
-        if lower == b"content-length":
-            lengths += 1
-            assert value.strip(b" \t").isdigit()
-        elif lower == b"transfer-encoding":
-            chunked += 1
-            assert version == b"HTTP/1.1" and value.strip(b" \t").lower() == b"chunked"
-    assert lengths <= 1 and chunked <= 1 and not (lengths and chunked)
+def test_requestHeadNeverAcceptsAmbiguousFraming(version: bytes, fields) -> None:
+    raw = b"\r\n".join([b"POST / " + version] + [name + b": " + value for name, value in fields])
+    try:
+        head = parseRequestHead(raw, 8192, 100)
+    except HeadRefused as refusal:
+        assert refusal.status in (400, 414, 431) and refusal.reason
+        return
+    lengths = [v.strip(b" \t") for n, v in fields if n.lower() == b"content-length"]
+    codings = [v.strip(b" \t") for n, v in fields if n.lower() == b"transfer-encoding"]
+    assert len(lengths) + len(codings) <= 1
+    if lengths:
+        assert lengths[0].isdigit() and head.contentLength == int(lengths[0]) and not head.chunked
+    elif codings:
+        assert version == b"HTTP/1.1" and codings[0].lower() == b"chunked" and head.chunked
+        assert head.contentLength is None
+    else:
+        assert head.contentLength is None and not head.chunked
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p) + b"0\r\n\r\n"
+
+
+def decodeInSplits(data: bytes, cuts: list[int], limit: int = 0) -> tuple[bytes, bytes]:
+    """Feed C{data} to a chunked decoder in pieces cut at C{cuts}: (body, rest)."""
+    decoder = BodyDecoder(None, True, limit)
+    body, buffer, rest = [], b"", b""
+    bounds = sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]
+    start = 0
+    for end in bounds:
+        if decoder.done:
+            rest += data[start:end]
+        else:
+            buffer += data[start:end]
+            pieces, used = decoder.feed(buffer)
+            body.extend(pieces)
+            buffer = buffer[used:]
+            if decoder.done:
+                rest, buffer = buffer, b""
+        start = end
+    assert decoder.done
+    return b"".join(body), rest
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=40), max_size=8), st.lists(st.integers(0, 10_000), max_size=10), st.binary(max_size=20))
+def test_chunkedDecoderIsSplitIndependent(pieces: list[bytes], cuts: list[int], after: bytes) -> None:
+    body, rest = decodeInSplits(chunked(pieces) + after, cuts)
+    assert body == b"".join(pieces)
+    assert rest == after, "bytes after the body belong to the next request"
+
+
+@FUZZ
+@given(http_bytes)
+def test_chunkedDecoderRefusesOrDecodesGarbage(data: bytes) -> None:
+    decoder = BodyDecoder(None, True, 1000)
+    try:
+        pieces, used = decoder.feed(data)
+    except HeadRefused as refusal:
+        assert refusal.status in (400, 413, 431)
+        return
+    assert 0 <= used <= len(data)
+    assert sum(map(len, pieces)) <= min(len(data), 1000)
+
+
+@FUZZ
+@given(st.integers(17, 40), st.sampled_from([b"0", b"f", b"1"]))
+def test_chunkSizesOfMoreThan16DigitsAreRefused(digits: int, digit: bytes) -> None:
+    decoder = BodyDecoder(None, True, 0)
+    try:
+        decoder.feed(digit * digits + b"\r\nx")
+    except HeadRefused as refusal:
+        assert refusal.status == 400
+    else:
+        raise AssertionError("an over-long chunk size was accepted")
 
 
 # ---------------------------------------------------------------------------

@@ -5,30 +5,32 @@ Unit tests of the hop-by-hop header rules (L{mydataproxy.headers}).
 from __future__ import annotations
 
 import pytest
-from twisted.web.http_headers import Headers
 
+from mydataproxy.framing import RequestHead
 from mydataproxy.headers import (
     HOP_BY_HOP,
     VIA,
     connectionTokens,
     plainResponse,
     relayedResponseFields,
-    upstreamRequestHeaders,
+    upstreamRequestFields,
 )
 
 CLIENT = b"192.0.2.7"
 DEFAULT_DROP = frozenset({b"host", b"x-target-host"})
 
 
-def headers(*pairs: tuple[bytes, bytes]) -> Headers:
-    h = Headers()
+def requestHead(*pairs: tuple[bytes, bytes], method: bytes = b"GET", version: bytes = b"HTTP/1.1") -> RequestHead:
+    byName: dict[bytes, list[bytes]] = {}
     for name, value in pairs:
-        h.addRawHeader(name, value)
-    return h
+        byName.setdefault(name.lower(), []).append(value)
+    return RequestHead(method, b"/", version, list(pairs), byName, None, False)
 
 
-def upstream(*pairs: tuple[bytes, bytes], drop=DEFAULT_DROP, host=b"origin.example") -> list[tuple[bytes, bytes]]:
-    return upstreamRequestHeaders(headers(*pairs), drop, host, CLIENT)
+def upstream(
+    *pairs: tuple[bytes, bytes], drop=DEFAULT_DROP, host=b"origin.example", **head
+) -> list[tuple[bytes, bytes]]:
+    return upstreamRequestFields(requestHead(*pairs, **head), drop, host, CLIENT)
 
 
 def names(fields) -> list[bytes]:
@@ -57,7 +59,7 @@ def test_connectionTokens() -> None:
 
 
 # ---------------------------------------------------------------------------
-# upstreamRequestHeaders
+# upstreamRequestFields
 # ---------------------------------------------------------------------------
 
 REQUEST_HOP_BY_HOP = [
@@ -153,7 +155,7 @@ def test_configuredFilterExactAndCaseInsensitive() -> None:
     )
     assert fields == [
         (b"Host", b"origin.example"),
-        (b"X-Ab", b"2"),
+        (b"x-ab", b"2"),
         (b"X-Secret-Internal-2", b"4"),
         (b"A", b"5"),
         (b"X-Forwarded-For", CLIENT),
@@ -179,9 +181,32 @@ def test_hostRewrittenEvenWithEmptyFilter() -> None:
 
 
 def test_expectDropped() -> None:
-    fields = upstream((b"Expect", b"100-continue"), (b"Content-Length", b"5"))
-    assert b"expect" not in names(fields)
-    assert values(fields, b"content-length") == [b"5"]
+    fields = upstream((b"Expect", b"100-continue"), (b"Accept", b"*/*"))
+    assert names(fields) == [b"host", b"accept", b"x-forwarded-for", b"via"]
+
+
+def test_framingFieldsAreNeverCopied() -> None:
+    # The caller writes Content-Length or Transfer-Encoding from what it parsed.
+    fields = upstream((b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked"), (b"Accept", b"*/*"))
+    assert names(fields) == [b"host", b"accept", b"x-forwarded-for", b"via"]
+
+
+@pytest.mark.parametrize("listed", [b"Content-Length", b"Host", b"host, Content-Length, Transfer-Encoding"])
+def test_connectionTokensCannotRemoveHost(listed: bytes) -> None:
+    fields = upstream((b"Connection", listed), (b"Host", b"p"), (b"Accept", b"*/*"))
+    assert values(fields, b"host") == [b"origin.example"]
+    assert values(fields, b"accept") == [b"*/*"]
+
+
+def test_nameCaseKept() -> None:
+    fields = upstream((b"x-api-tran-id", b"A1"), (b"X-MyData-Custom", b"1"))
+    assert fields[1:3] == [(b"x-api-tran-id", b"A1"), (b"X-MyData-Custom", b"1")]
+
+
+@pytest.mark.parametrize("method, kept", [(b"GET", True), (b"POST", True), (b"OPTIONS", False), (b"TRACE", False)])
+def test_maxForwardsLeftToTheCallerForOptionsAndTrace(method: bytes, kept: bool) -> None:
+    fields = upstream((b"Max-Forwards", b"5"), method=method)
+    assert values(fields, b"max-forwards") == ([b"5"] if kept else [])
 
 
 def test_repeatedFieldsKeptInOrder() -> None:
@@ -214,6 +239,7 @@ def test_xForwardedForInFilterStartsFresh() -> None:
 
 def test_viaAppended() -> None:
     assert values(upstream(), b"via") == [b"1.1 mydataproxy"]
+    assert values(upstream(version=b"HTTP/1.0"), b"via") == [b"1.0 mydataproxy"]
     fields = upstream((b"Via", b"1.0 fred, 1.1 p.example"), (b"via", b"HTTP/1.1 other"))
     assert values(fields, b"via") == [b"1.0 fred, 1.1 p.example, HTTP/1.1 other, 1.1 mydataproxy"]
 
@@ -248,7 +274,6 @@ def test_responseHopByHopRemoved() -> None:
     assert relayedResponseFields(fields) == [
         (b"Content-Type", b"text/plain"),
         (b"X-Privateer", b"kept"),
-        (b"Content-Length", b"10"),
         (b"Via", VIA),
     ]
 
@@ -283,8 +308,14 @@ def test_responseSetCookieRepeatsInOrder() -> None:
 def test_responseKeepsOrderAndSpellingAndDoesNotMutateInput() -> None:
     fields = [(b"x-lower", b"1"), (b"X-UPPER", b"2"), (b"Content-Length", b"0")]
     before = list(fields)
-    assert relayedResponseFields(fields) == before + [(b"Via", VIA)]
+    assert relayedResponseFields(fields) == before[:2] + [(b"Via", VIA)]
     assert fields == before
+
+
+def test_responseFramingFieldsRemoved() -> None:
+    # The proxy writes the response's framing itself, from what it parsed.
+    fields = [(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked"), (b"Date", b"d")]
+    assert relayedResponseFields(fields) == [(b"Date", b"d"), (b"Via", VIA)]
 
 
 def test_responseViaAppended() -> None:
