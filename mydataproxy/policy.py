@@ -50,6 +50,7 @@ GUARDED: tuple[tuple[IPNetwork, str], ...] = tuple(
         ("2001:db8::/32", "documentation"),
         ("fc00::/7", "unique local"),
         ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local (deprecated, RFC 3879)"),
         ("ff00::/8", "multicast"),
         ("::/8", "reserved (IPv4-compatible and -translated forms)"),
     ]

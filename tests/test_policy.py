@@ -93,6 +93,8 @@ GUARDED_TABLE = [
     ("fc00::1", "unique local fc00::/7"),
     ("fe80::1", "link-local fe80::/10"),
     ("febf::1", "link-local fe80::/10"),
+    ("fec0::1", "site-local (deprecated, RFC 3879) fec0::/10"),
+    ("feff::1", "site-local (deprecated, RFC 3879) fec0::/10"),
     ("ff02::1", "multicast ff00::/8"),
     ("ff05::1:3", "multicast ff00::/8"),
     ("2001:db8::1", "documentation 2001:db8::/32"),
