@@ -33,8 +33,11 @@ txaio.use_twisted()
 log = txaio.make_logger()
 
 
-class ListenerError(Exception):
-    """A configured listener could not be started."""
+class ListenerError(SystemExit):
+    """
+    A configured listener could not be started: the daemon exits with this
+    one line (a L{SystemExit}, so twistd prints no traceback).
+    """
 
 
 class ListenerService(Service):
@@ -59,10 +62,10 @@ class ListenerService(Service):
         outcome: list = []
         endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:
-            raise ListenerError(f"{self.name}: {self.description} did not start listening at once")
+            raise ListenerError(f"mydataproxy: {self.name}: {self.description} did not start listening at once")
         if isinstance(outcome[0], Failure):
             raise ListenerError(
-                f"{self.name}: cannot listen on {self.description}: {outcome[0].getErrorMessage()}"
+                f"mydataproxy: {self.name}: cannot listen on {self.description}: {outcome[0].getErrorMessage()}"
             )
         self.port = outcome[0]
         log.info("{name} listening on {address}", name=self.name, address=self.port.getHost())

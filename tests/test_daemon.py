@@ -105,6 +105,7 @@ def test_port_in_use_refuses_to_start(tmp_path: Path) -> None:
         result = twistd("--config", str(config), cwd=tmp_path)
     assert result.returncode != 0, "a proxy without its port must not run on"
     assert f"cannot listen on tcp:{port}:interface=127.0.0.1" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, "a busy port is one line, not a traceback"
 
 
 def test_legacy_properties_start_the_daemon_and_report_unhonoured_keys(tmp_path: Path) -> None:
