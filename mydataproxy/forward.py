@@ -317,9 +317,13 @@ class ForwardChannel(Protocol, TimeoutMixin):
             self.transport.abortConnection()
 
     def pauseReading(self, why: str) -> None:
-        """Stop reading from the client for reason C{why} (until resumed)."""
+        """
+        Stop reading from the client for reason C{why} (until resumed); a
+        client we don't read from is not idle.
+        """
         if not self._pausedFor:
             self.transport.pauseProducing()
+            self.setTimeout(None)
         self._pausedFor.add(why)
 
     def resumeReading(self, why: str) -> None:
@@ -328,6 +332,8 @@ class ForwardChannel(Protocol, TimeoutMixin):
             self._pausedFor.discard(why)
             if not self._pausedFor:
                 self.transport.resumeProducing()
+                if self._state in (_Reading.HEAD, _Reading.BODY):
+                    self.setTimeout(self.factory.settings.forward.client_idle_timeout)
 
     # Receiving
 
@@ -389,13 +395,11 @@ class ForwardChannel(Protocol, TimeoutMixin):
         if end < 0:
             bareLF = buffer.find(b"\n\n", max(0, self._scanned - 2)) >= 0
             self._scanned = len(buffer)
-            if len(buffer) > limits.max_header_bytes:
-                if buffer.find(b"\r\n", 0, limits.max_uri_bytes + 64) < 0:
-                    self.refuseHead(HeadRefused(414, "URI too long", "limits.max_uri_bytes"))
-                else:
-                    self.refuseHead(
-                        HeadRefused(431, "request header fields too large", "limits.max_header_bytes")
-                    )
+            # Room for the method and version around the longest URI.
+            if len(buffer) > limits.max_uri_bytes + 64 and buffer.find(b"\r\n", 0, limits.max_uri_bytes + 64) < 0:
+                self.refuseHead(HeadRefused(414, "URI too long", "limits.max_uri_bytes"))
+            elif len(buffer) > limits.max_header_bytes:
+                self.refuseHead(HeadRefused(431, "request header fields too large", "limits.max_header_bytes"))
             elif bareLF:
                 self.refuseHead(HeadRefused(400, "bad request: bare LF in request head"))
             return False

@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, Settings, UpstreamSettings
-from mydataproxy.forward import LINGER_SECONDS, ForwardProxy
+from mydataproxy.forward import LINGER_BYTES, LINGER_SECONDS, ForwardProxy
 from mydataproxy.framing import headerProblem, requestLineProblem
 from mydataproxy.policy import ClientAccess, connectAllowed
 from mydataproxy.target import MISSING_TARGET_HOST
@@ -551,3 +551,73 @@ def test_loopbackOriginIsRefusedByTheGuardWithoutARule() -> None:
     assert c.reactor.tcpClients == []
     [record] = c.accessLog.records
     assert record["status"] == 403
+
+
+# ---------------------------------------------------------------------------
+# The channel's own parser: limits before the head is complete, lingering
+# ---------------------------------------------------------------------------
+
+
+def test_longRequestLineIs414BeforeItEnds() -> None:
+    c = Client(settingsWith())
+    c.send(b"GET http://127.0.0.1:8080/" + b"a" * (c.proxy.limits.max_uri_bytes + 100))
+    [(statusLine, _, body)] = c.responses()
+    assert statusLine.startswith(b"HTTP/1.1 414")
+    assert c.closed()
+    [record] = c.accessLog.records
+    assert record["status"] == 414
+
+
+def test_bareLFHeadIs400() -> None:
+    c = Client()
+    c.send(b"GET http://127.0.0.1:8080/ HTTP/1.1\nHost: x\n\n")
+    [(statusLine, _, body)] = c.responses()
+    assert statusLine.startswith(b"HTTP/1.1 400")
+    assert body == b"bad request: bare LF in request head\n"
+
+
+def test_refusedBodyIsDroppedForABoundedAmountThenClosed() -> None:
+    c = Client()
+    c.send(b"POST /x HTTP/1.1\r\nHost: p\r\nContent-Length: 100000000\r\n\r\n")
+    assert c.received().startswith(b"HTTP/1.1 403")
+    assert not c.transport.disconnecting, "lingers first, so the client reads the answer"
+    for _ in range(LINGER_BYTES // 65536):
+        c.send(b"x" * 65536)
+    assert not c.transport.disconnecting
+    c.send(b"x" * 65536)
+    assert c.transport.disconnecting, "past the linger bound the connection closes"
+
+
+def test_pipelinedRequestsWaitForTheResponseInProgress() -> None:
+    c = Client()
+    c.send(
+        b"GET http://127.0.0.1:8080/one HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert c.accessLog.records == [], "the second waits until the first is answered"
+    origin = completeUpstream(c)
+    origin.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert [r["target"] for r in c.accessLog.records] == ["http://127.0.0.1:8080/one", "/two"]
+    assert [r[0][:12] for r in c.responses()] == [b"HTTP/1.1 200", b"HTTP/1.1 403"]
+
+
+def test_originFramingIsReplacedByTheProxys() -> None:
+    c = Client()
+    c.send(b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    origin = completeUpstream(c)
+    origin.protocol.dataReceived(
+        b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 2\r\n\r\nok"
+    )
+    [(_, fields, body)] = c.responses()
+    assert field(fields, b"content-length") == [b"2"] and body == b"ok"
+
+
+def test_clientBackPressureStopsTheIdleTimeout() -> None:
+    c = Client(settingsWith(client_idle_timeout=5.0))
+    c.send(b"POST http://127.0.0.1:8080/ HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    c.channel.pauseReading("body")
+    c.reactor.advance(10)
+    assert not c.transport.disconnecting, "a client we don't read from is not idle"
+    c.channel.resumeReading("body")
+    c.reactor.advance(6)
+    assert c.transport.disconnecting
