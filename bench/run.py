@@ -356,6 +356,8 @@ class Proxy:
             "[forward]\n"
             f'listen = "tcp:{self.port}:interface={HOST}"\n'
             f"connect_ports = [{', '.join(str(p) for p in [443, *self.connect_ports])}]\n"
+            # nginx listens on ephemeral ports, outside the default http_ports.
+            f"http_ports = [{', '.join(str(p) for p in [80, 443, *self.connect_ports])}]\n"
             "\n[upstream]\n"
             f"max_connections_per_destination = {per_destination}\n"
             f"max_connections_total = {total}\n"

@@ -1068,3 +1068,26 @@ def send_in_background(sock, block: bytes, count: int) -> tuple[threading.Thread
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     return thread, result
+
+
+class LogWatch:
+    """New lines of a proxy's own log (twistd output) from now on."""
+
+    def __init__(self, proxy) -> None:
+        self.proxy = proxy
+        self.mark = len(proxy.output())
+
+    def new(self) -> str:
+        return self.proxy.output()[self.mark:]
+
+    def wait(self, pattern: str, timeout: float = 5.0) -> str:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            new = self.new()
+            for line in new.splitlines():
+                if rx.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                pytest.fail(f"no proxy log line matches {pattern!r}; new log lines:\n{new[-4000:]}")
+            time.sleep(0.05)

@@ -29,6 +29,7 @@ import requests
 
 from conftest import (
     LOOPBACK,
+    LogWatch,
     ConnectionClosed,
     ProxyLauncher,
     RawConnection,
@@ -209,29 +210,6 @@ def recorder():
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-class LogWatch:
-    """New lines of a proxy's own log (twistd output) from now on."""
-
-    def __init__(self, proxy) -> None:
-        self.proxy = proxy
-        self.mark = len(proxy.output())
-
-    def new(self) -> str:
-        return self.proxy.output()[self.mark:]
-
-    def wait(self, pattern: str, timeout: float = 5.0) -> str:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            new = self.new()
-            for line in new.splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                pytest.fail(f"no proxy log line matches {pattern!r}; new log lines:\n{new[-4000:]}")
-            time.sleep(0.05)
 
 
 class SourcedConnection(RawConnection):

@@ -23,12 +23,14 @@ import pytest
 
 from conftest import (
     LOOPBACK,
+    LogWatch,
     ProxyLauncher,
     RawConnection,
     Response,
     Route,
     assert_short_text_error,
     build_request,
+    parse_access_line,
 )
 from recording_origin import RecordingOrigin
 
@@ -124,29 +126,6 @@ def one_connection(launcher):
 # ---------------------------------------------------------------------------
 
 
-class LogWatch:
-    """New lines of a proxy's own log (twistd output) from now on."""
-
-    def __init__(self, proxy) -> None:
-        self.proxy = proxy
-        self.mark = len(proxy.output())
-
-    def new(self) -> str:
-        return self.proxy.output()[self.mark:]
-
-    def wait(self, pattern: str, timeout: float = 3.0) -> str:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            new = self.new()
-            for line in new.splitlines():
-                if rx.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                pytest.fail(f"no proxy log line matches {pattern!r}; new log lines:\n{new[-4000:]}")
-            time.sleep(0.05)
-
-
 class PacedSender(threading.Thread):
     """
     Sends C{block} C{count} times on C{sock}, C{interval} seconds apart,
@@ -196,10 +175,19 @@ def closed_within(c: RawConnection, seconds: float) -> float | None:
             return time.monotonic() - started
 
 
-def access_lines(proxy, client_port: int, timeout: float = 3.0) -> list[dict]:
-    """The parsed access lines of the client connection from C{client_port}."""
+def access_lines(proxy, client_port: int, since: int, timeout: float = 3.0) -> list[dict]:
+    """
+    The parsed access lines of the client connection from C{client_port},
+    among those after the first C{since} (a shared proxy sees earlier
+    connections that had the same ephemeral port).
+    """
     needle = f"client={LOOPBACK}:{client_port} "
-    return proxy.wait_access_lines(lambda line: needle in line, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [parse_access_line(l) for l in proxy.access_lines()[since:] if needle in l]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def header_values(request: dict, name: str) -> list[str]:
@@ -293,6 +281,7 @@ def test_early_origin_answer_during_upload_is_relayed_promptly(proxy, recorder, 
     client is still sending 8 MB: the client gets the whole 413 at once,
     the connection then closes, and the access line has the true duration.
     """
+    since = len(proxy.access_lines())
     if answer == "origin-closes":  # Connection: close, then a lingering close
         url, expected = recorder.url + "/early-status/413", b"refused early by the origin\n"
     else:  # keeps the connection and drains the body (tests/origin.py)
@@ -315,7 +304,7 @@ def test_early_origin_answer_during_upload_is_relayed_promptly(proxy, recorder, 
         assert closed is not None, f"the connection was still open {PROMPT} s after the early response"
     finally:
         c.close()
-    [line] = access_lines(proxy, port)
+    [line] = access_lines(proxy, port, since)
     assert line["status"] == "413"
     assert float(line["ms"]) < (answered + closed + 1.0) * 1000, line["_line"]
 
@@ -652,23 +641,25 @@ def test_via_names_the_request_version(proxy, recorder, version):
 )
 def test_request_line_refusal_has_an_access_line(proxy, raw, status):
     """Item 19."""
+    since = len(proxy.access_lines())
     with RawConnection(proxy.port, timeout=PROMPT) as c:
         port = c.local_port
         c.send(raw)
         assert c.read_response().status == status
-    lines = access_lines(proxy, port)
+    lines = access_lines(proxy, port, since)
     assert [line["status"] for line in lines] == [str(status)], lines
 
 
 def test_connection_limit_503_has_an_access_line(one_connection, recorder):
     """Item 19."""
+    since = len(one_connection.access_lines())
     with RawConnection(one_connection.port, timeout=PROMPT) as held:
         held.send(absolute("GET", recorder, "/held"))
         assert held.read_response().status == 200
         with RawConnection(one_connection.port, timeout=PROMPT) as refused:
             port = refused.local_port
             assert refused.read_response().status == 503
-    lines = access_lines(one_connection, port)
+    lines = access_lines(one_connection, port, since)
     assert [line["status"] for line in lines] == ["503"], lines
 
 
@@ -682,6 +673,7 @@ def test_413_after_the_response_started_is_not_called_malformed_chunked(request,
     today's code mistakes for a chunked-decoding failure.)
     """
     limited = request.getfixturevalue("limited" if listener == "tcp" else "tls_limited")
+    since = len(limited.access_lines())
     watch = LogWatch(limited)
     c = RawConnection(limited.port, timeout=PROMPT)
     try:
@@ -702,7 +694,7 @@ def test_413_after_the_response_started_is_not_called_malformed_chunked(request,
     watch.wait(r"413 POST \S*/stream-early from 127\.0\.0\.1: request body too large")
     time.sleep(0.3)
     assert "malformed chunked" not in watch.new(), watch.new()
-    lines = access_lines(limited, port)
+    lines = access_lines(limited, port, since)
     assert len(lines) == 1 and lines[0]["status"] != "400", lines
 
 
