@@ -61,6 +61,9 @@ _USERINFO = re.compile(rb"//[^/?#@]*@")
 # destroy the response before the client has read it.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
+# A connection we closed that still holds unsent bytes (a client that stopped
+# reading) is cut after this long.
+CLOSE_SECONDS = 10.0
 
 
 class RefusedConnection(Protocol):
@@ -225,11 +228,16 @@ class _Reading:
     TUNNEL = 4  # raw bytes for a CONNECT tunnel
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class ForwardChannel(Protocol, TimeoutMixin):
     """
     One client connection: request heads parsed in one pass, one request
     relayed at a time, CONNECT handed over to a L{Tunnel}.
+
+    The channel is the push producer of everything written to the client:
+    while the client does not read, the current response's origin is paused
+    and no further request is read or parsed, so a client that pipelines
+    without reading cannot make us buffer answers.
 
     The idle timeout (C{forward.client_idle_timeout}) runs while we wait for
     the client: between requests, during a request body, and while the client
@@ -241,8 +249,8 @@ class ForwardChannel(Protocol, TimeoutMixin):
     # Slots keep per-connection memory small for thousands of idle tunnels.
     __slots__ = (
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
-        "_persistent", "_headDeadline", "_lingerCall", "_discarded", "_pausedFor", "_processing",
-        "_peer", "_host", "_certificate",
+        "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
+        "_processing", "_writesBlocked", "_readClosed", "_peer", "_host", "_certificate",
     )
 
     def __init__(self, client: str) -> None:
@@ -256,9 +264,12 @@ class ForwardChannel(Protocol, TimeoutMixin):
         self._persistent = True
         self._headDeadline: IDelayedCall | None = None
         self._lingerCall: IDelayedCall | None = None
+        self._closeCall: IDelayedCall | None = None
         self._discarded = 0
         self._pausedFor: set[str] = set()
         self._processing = False
+        self._writesBlocked = False
+        self._readClosed = False
         self._peer = None
         self._host = None
         self._certificate: str | None = None
@@ -303,6 +314,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.setTimeout(self.factory.settings.forward.client_idle_timeout)
+        self.transport.registerProducer(self, True)
 
     def timeoutConnection(self) -> None:
         log.info(
@@ -310,11 +322,42 @@ class ForwardChannel(Protocol, TimeoutMixin):
             client=self.clientEndpoint(),
         )
         if self._request is None:
-            self.transport.loseConnection()
+            self.close()
         else:
             # Mid-request: a client that neither sends nor reads gets no
             # flush to wait for.
             self.transport.abortConnection()
+
+    def close(self) -> None:
+        """Close once what we wrote is sent, or cut it if the client won't read it."""
+        self.transport.loseConnection()
+        if self._closeCall is None:
+            self._closeCall = self.callLater(CLOSE_SECONDS, self.transport.abortConnection)
+
+    # IPushProducer: the client's side of the writes.
+
+    def pauseProducing(self) -> None:
+        """The client is not reading: hold the origin and the next requests."""
+        self._writesBlocked = True
+        self.pauseReading("writes")
+        if self._request is not None:
+            self._request.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._writesBlocked = False
+        if self._request is not None:
+            self._request.resumeProducing()
+        self.resumeReading("writes")
+        if self._buffer and self._state == _Reading.HEAD:
+            self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; L{connectionLost} follows."""
+
+    @property
+    def writesBlocked(self) -> bool:
+        """Is the client's write buffer full?"""
+        return self._writesBlocked
 
     def pauseReading(self, why: str) -> None:
         """
@@ -363,15 +406,15 @@ class ForwardChannel(Protocol, TimeoutMixin):
             while self._buffer:
                 state = self._state
                 if state == _Reading.HEAD:
-                    if not self._readHead():
-                        return
+                    if self._writesBlocked or not self._readHead():
+                        break
                 elif state == _Reading.BODY:
                     if not self._readBody():
-                        return
+                        break
                 elif state == _Reading.WAIT:
                     if len(self._buffer) > self.limits.max_header_bytes:
                         self.pauseReading("pipelined")
-                    return
+                    break
                 elif state == _Reading.LINGER:
                     self._discard(len(self._buffer))
                     self._buffer = b""
@@ -380,6 +423,9 @@ class ForwardChannel(Protocol, TimeoutMixin):
                     self.tunnel.fromClient(data)
         finally:
             self._processing = False
+        if self._readClosed and self._state == _Reading.HEAD and not self._writesBlocked:
+            # The client half-closed behind pipelined requests, all answered now.
+            self.close()
 
     def _readHead(self) -> bool:
         """Parse one request head if it is all here; False to wait for more."""
@@ -439,8 +485,9 @@ class ForwardChannel(Protocol, TimeoutMixin):
             request.bodyRefused(refusal)
             return True
         self._buffer = self._buffer[used:] if used < len(self._buffer) else b""
-        for piece in pieces:
-            request.bodyReceived(piece)
+        if pieces:
+            # One relay per read, however many chunks it held.
+            request.bodyReceived(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         if not decoder.done:
             return False
         if self._state == _Reading.BODY:
@@ -473,20 +520,25 @@ class ForwardChannel(Protocol, TimeoutMixin):
         self._request = None
         request.recordAccess()
         if self._state == _Reading.BODY:
-            self._linger()
+            self.linger()
             return
         if not self._persistent:
-            self.transport.loseConnection()
+            self.close()
             return
         self._state = _Reading.HEAD
         self.setTimeout(self.factory.settings.forward.client_idle_timeout)
+        # Whatever held reading back for this request no longer does.
+        self.resumeReading("body")
         self.resumeReading("pipelined")
         if self._buffer:
             self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
-            self._process()
+        self._process()
 
-    def _linger(self) -> None:
-        """Drop the rest of a body nobody will read, then close (bounded)."""
+    def linger(self) -> None:
+        """
+        After our last response: drop what the client still sends, for a
+        bounded time and amount, then close.
+        """
         self._state = _Reading.LINGER
         self._decoder = None
         self._persistent = False
@@ -510,7 +562,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
         if self._lingerCall is not None and self._lingerCall.active():
             self._lingerCall.cancel()
         self._lingerCall = None
-        self.transport.loseConnection()
+        self.close()
 
     # Refusals of a head.
 
@@ -538,7 +590,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
         )
         self._buffer = b""
         self.transport.write(plainResponse(refusal.status, refusal.reason, close=True))
-        self._linger()
+        self.linger()
 
     def _cancelHeadDeadline(self) -> None:
         if self._headDeadline is not None:
@@ -562,6 +614,8 @@ class ForwardChannel(Protocol, TimeoutMixin):
         """Leave HTTP: from here on the connection's bytes belong to a tunnel."""
         self.setTimeout(None)
         self._state = _Reading.TUNNEL
+        # From here the tunnel wires the two sockets' back-pressure itself.
+        self.transport.unregisterProducer()
         target: Target | Refusal
         client = self.factory.access.clientAddress(self.clientAddress(), head.values(b"x-forwarded-for"))
         try:
@@ -577,11 +631,14 @@ class ForwardChannel(Protocol, TimeoutMixin):
 
     def readConnectionLost(self) -> None:
         """The client half-closed: end a tunnel's one direction, or finish HTTP."""
-        if self.tunnel is not None:
+        if self._state == _Reading.LINGER:
+            self.close()
+        elif self.tunnel is not None:
             self.tunnel.clientReadClosed()
-        elif self._state == _Reading.WAIT:
-            # Answer the request in progress, then close.
-            self._persistent = False
+        elif self._state == _Reading.WAIT or (self._state == _Reading.HEAD and self._writesBlocked):
+            # Answer the request in progress and those pipelined behind it,
+            # then close.
+            self._readClosed = True
         else:
             # Idle, lingering, or a request whose body can now never be complete.
             self.transport.loseConnection()
@@ -592,8 +649,9 @@ class ForwardChannel(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure) -> None:
         self.setTimeout(None)
         self._cancelHeadDeadline()
-        if self._lingerCall is not None and self._lingerCall.active():
-            self._lingerCall.cancel()
+        for call in (self._lingerCall, self._closeCall):
+            if call is not None and call.active():
+                call.cancel()
         self.factory.connections.release(self.client)
         if self.tunnel is not None:
             self.tunnel.clientLost(reason)
@@ -643,20 +701,18 @@ class _ClientBodyThrottle:
 _SECRET_FIELDS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
 
 
-@implementer(IPushProducer)
 class ForwardRequest:
     """
     One proxied request: admitted when its head is complete, relayed while
     its body streams in, finished once the origin's response is relayed.
 
-    It is the push producer of its response towards the client: a client
-    that stops reading pauses the origin, and runs the idle timeout.
+    A client that stops reading pauses the origin (through the channel, the
+    producer of all writes to the client) and runs the idle timeout.
     """
 
     __slots__ = (
         "channel", "head", "started", "target", "clientIP", "status", "bytesIn", "bytesOut",
-        "upstreamAddress", "_exchange", "_bodyComplete", "_responseStarted", "_finished",
-        "_chunked", "_producing",
+        "upstreamAddress", "_exchange", "_bodyComplete", "_responseStarted", "_finished", "_chunked",
     )
 
     def __init__(self, channel: ForwardChannel, head: RequestHead) -> None:
@@ -674,7 +730,6 @@ class ForwardRequest:
         self._responseStarted = False
         self._finished = False
         self._chunked = False
-        self._producing = False
 
     @property
     def proxy(self) -> ForwardProxy:
@@ -778,9 +833,10 @@ class ForwardRequest:
     def _routeFailed(self, failure: Failure) -> None:
         if self._exchange is None or self._finished:
             return
+        # The exchange never started: let go of the body it holds back.
+        self._exchange.abort()
         if failure.check(Refusal):
             logRefusal(failure.value, self.head, self.clientIP)
-            self._exchange.abort()
             self.refuse(failure.value.status, failure.value.reason, failure.value.fields)
             return
         self.responseFailed(self.proxy.pool.describeConnectFailure(self.target.destination, failure))
@@ -869,9 +925,8 @@ class ForwardRequest:
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
         channel.transport.writeSequence(head)
-        if bodyLength != 0:
-            self._producing = True
-            channel.transport.registerProducer(self, True)
+        if bodyLength != 0 and channel.writesBlocked:
+            self.pauseProducing()
 
     def responseData(self, data: bytes) -> None:
         if self._finished:
@@ -904,15 +959,16 @@ class ForwardRequest:
         if self._responseStarted:
             # The head is out; all we can do is cut the response short.
             self._finished = True
-            self._stopProducing()
+            self.recordAccess()
             self.channel.transport.abortConnection()
             return
         retry = [(b"Retry-After", b"%d" % failure.retryAfter)] if failure.retryAfter else []
         self.refuse(failure.status, failure.reason, retry)
 
-    # IPushProducer: the response body towards the client.
+    # The response body towards the client, paced by the channel.
 
     def pauseProducing(self) -> None:
+        """The client stopped reading: hold the origin."""
         if self._exchange is not None:
             self._exchange.pauseProducing()
         # A client that does not read is idle too.
@@ -922,15 +978,6 @@ class ForwardRequest:
         self.channel.setTimeout(None)
         if self._exchange is not None:
             self._exchange.resumeProducing()
-
-    def stopProducing(self) -> None:
-        if self._exchange is not None:
-            self._exchange.stopProducing()
-
-    def _stopProducing(self) -> None:
-        if self._producing:
-            self._producing = False
-            self.channel.transport.unregisterProducer()
 
     # Answers the proxy gives itself.
 
@@ -945,15 +992,17 @@ class ForwardRequest:
             # Don't wait for a body nobody will read.
             channel.closeAfterResponse()
         self.status = status
-        self.bytesOut = len(body)
+        headOnly = self.head.method == b"HEAD"
+        self.bytesOut = 0 if headOnly else len(body)
         channel.transport.write(
-            rules.ownResponse(self.head.version, status, body, fields, close=not channel.persistent)
+            rules.ownResponse(
+                self.head.version, status, body, fields, close=not channel.persistent, headOnly=headOnly
+            )
         )
         self._done()
 
     def _done(self) -> None:
         self._finished = True
-        self._stopProducing()
         self._maybeDone()
 
     def _maybeDone(self) -> None:

@@ -146,6 +146,8 @@ def parseRequestHead(
         value = value.strip(b" \t")
         fields.append((name, value))
         byName.setdefault(name.lower(), []).append(value)
+    if len(byName.get(b"host", ())) > 1:
+        raise HeadRefused(400, "bad request: more than one Host field")
     contentLength, chunked = _bodyFraming(version, byName)
     if method == b"CONNECT" and (chunked or contentLength):
         raise HeadRefused(400, "bad request: CONNECT with a body")

@@ -98,9 +98,11 @@ def upstreamRequestFields(
         ):
             continue
         out.append((name, value))
-    forwardedFor = None if b"x-forwarded-for" in drop else head.values(b"x-forwarded-for")
+    # A field the client declared hop-by-hop or that the filter drops starts afresh.
+    forwardedFor = None if b"x-forwarded-for" in drop or b"x-forwarded-for" in listed else head.values(b"x-forwarded-for")
+    vias = None if b"via" in listed else head.values(b"via")
     out.append((b"X-Forwarded-For", _appended(forwardedFor, peerAddress)))
-    out.append((b"Via", _appended(head.values(b"via"), via(head.version))))
+    out.append((b"Via", _appended(vias, via(head.version))))
     return out
 
 
@@ -126,11 +128,17 @@ def relayedResponseFields(fields: HeaderList) -> HeaderList:
 
 
 def ownResponse(
-    version: bytes, status: int, body: bytes, fields: HeaderList = (), close: bool = False
+    version: bytes,
+    status: int,
+    body: bytes,
+    fields: HeaderList = (),
+    close: bool = False,
+    headOnly: bool = False,
 ) -> bytes:
     """
     A complete response the proxy gives itself, to a request of HTTP
-    C{version}; an HTTP/1.0 connection kept open says so.
+    C{version}; an HTTP/1.0 connection kept open says so.  For a HEAD
+    request (C{headOnly}) the body is left out, its length kept.
     """
     phrase = RESPONSES.get(status, b"Error")
     if close:
@@ -146,7 +154,7 @@ def ownResponse(
             b"Content-Length: %d\r\n" % len(body),
             connection,
             b"\r\n",
-            body,
+            b"" if headOnly else body,
         ]
     )
 

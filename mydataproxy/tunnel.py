@@ -123,12 +123,16 @@ class Tunnel:
                 TunnelOrigin(self),
             )
         )
-        d.addCallbacks(self._connected, self._connectFailed)
+        # An error inside _connected must reach _connectFailed too.
+        d.addCallback(self._connected)
+        d.addErrback(self._connectFailed)
 
     def _refuse(self, status: int, reason: str, fields: HeaderList = ()) -> None:
         self.status = status
         self.client.write(plainResponse(status, reason, close=True, fields=fields))
-        self.client.loseConnection()
+        # Bytes the client sent behind its CONNECT must not turn into a reset
+        # that destroys the answer.
+        self.channel.linger()
 
     def _connectFailed(self, failure: Failure) -> None:
         if self._over:

@@ -11,12 +11,13 @@ import ipaddress
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, Settings, UpstreamSettings
-from mydataproxy.forward import LINGER_BYTES, LINGER_SECONDS, ForwardProxy
+from mydataproxy.forward import CLOSE_SECONDS, LINGER_BYTES, LINGER_SECONDS, ForwardProxy
 from mydataproxy.framing import headerProblem, requestLineProblem
 from mydataproxy.policy import ClientAccess, connectAllowed
 from mydataproxy.target import MISSING_TARGET_HOST
@@ -621,3 +622,106 @@ def test_clientBackPressureStopsTheIdleTimeout() -> None:
     c.channel.resumeReading("body")
     c.reactor.advance(6)
     assert c.transport.disconnecting
+
+
+# ---------------------------------------------------------------------------
+# Second review: write back-pressure, HEAD answers, held bodies, half-close
+# ---------------------------------------------------------------------------
+
+
+def test_noRequestIsParsedWhileTheClientDoesNotRead() -> None:
+    """
+    A client that pipelines without reading must not make us buffer
+    answers: while its write buffer is full, nothing more is parsed.
+    """
+    c = Client()
+    assert c.transport.producer is c.channel, "the channel paces all writes"
+    c.channel.pauseProducing()  # the transport's write buffer is full
+    c.send(b"GET /one HTTP/1.1\r\nHost: p\r\n\r\n" * 3)
+    assert c.received() == b"", "answers were produced for a client that does not read"
+    assert c.transport.producerState == "paused", "reading goes on from a client that does not read"
+    c.channel.resumeProducing()
+    assert [r[0][:12] for r in c.responses()] == [b"HTTP/1.1 403"] * 3
+
+
+def test_ownAnswerToHEADHasNoBody() -> None:
+    c = Client()
+    c.send(b"HEAD /x HTTP/1.1\r\nHost: p\r\n\r\nGET /y HTTP/1.1\r\nHost: p\r\n\r\n")
+    data = c.received()
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 403") and b"Content-Length: 41" in first
+    assert rest.startswith(b"HTTP/1.1 403"), f"a body followed the HEAD answer: {rest[:60]!r}"
+
+
+class UnansweredResolver:
+    """A resolver whose lookups fail when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred] = []
+
+    def known(self, host: str) -> None:
+        return None
+
+    def resolve(self, host: str) -> defer.Deferred:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_resolutionFailureWithHeldBodyLeavesTheConnectionReadable() -> None:
+    c = Client()
+    resolver = c.proxy.resolver = UnansweredResolver()
+    body = b"x" * 100_000  # more than the exchange holds before pausing the client
+    c.send(b"POST http://origin.test/ HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert c.transport.producerState == "paused"
+    resolver.pending[0].errback(DNSLookupError("origin.test"))
+    assert c.received().startswith(b"HTTP/1.1 502"), c.received()[:200]
+    assert c.transport.producerState == "producing", "the next request on this connection would never be read"
+
+
+def test_truncatedResponseGetsItsAccessLine() -> None:
+    c = Client()
+    c.send(b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    origin = completeUpstream(c)
+    origin.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    origin.protocol.connectionLost(Failure(ConnectionLost()))
+    assert c.transport.disconnected, "a cut response is a cut connection"
+    c.lose()
+    [record] = c.accessLog.records
+    assert (record["status"], record["bytesOut"]) == (200, 10)
+
+
+def test_pipelinedRequestsBeforeAHalfCloseAreAllAnswered() -> None:
+    c = Client()
+    c.send(
+        b"GET http://127.0.0.1:8080/one HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    c.channel.readConnectionLost()
+    origin = completeUpstream(c)
+    origin.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert [r[0][:12] for r in c.responses()] == [b"HTTP/1.1 200", b"HTTP/1.1 403"]
+    assert c.transport.disconnecting
+
+
+def test_closedConnectionThatIsNotReadIsCutAfterADeadline() -> None:
+    c = Client()
+    c.send(b"GET /x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    assert c.transport.disconnecting and not c.transport.disconnected
+    c.reactor.advance(CLOSE_SECONDS)
+    assert c.transport.disconnected, "a client that never reads must not hold the connection forever"
+
+
+def test_refusedTunnelLingersInsteadOfResetting() -> None:
+    c = Client()
+    c.send(b"CONNECT 127.0.0.1:25 HTTP/1.1\r\nHost: 127.0.0.1:25\r\n\r\n\x16\x03\x01 hello")
+    assert c.received().startswith(b"HTTP/1.1 403")
+    assert not c.transport.disconnecting, "the client's early bytes are drained first"
+    assert c.closed()
+
+
+def test_twoHostFieldsAre400() -> None:
+    c = Client()
+    c.send(b"GET http://127.0.0.1:8080/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    [(statusLine, _, body)] = c.responses()
+    assert statusLine.startswith(b"HTTP/1.1 400")
+    assert body == b"bad request: more than one Host field\n"

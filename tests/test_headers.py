@@ -230,6 +230,12 @@ def test_xForwardedForAppended() -> None:
     assert values(fields, b"x-forwarded-for") == [b"203.0.113.1, 10.0.0.1, 10.0.0.2, " + CLIENT]
 
 
+@pytest.mark.parametrize("name", [b"X-Forwarded-For", b"Via"])
+def test_connectionListedProxyFieldStartsFresh(name: bytes) -> None:
+    fields = upstream((b"Connection", name), (name, b"203.0.113.1"))
+    assert values(fields, name) == [CLIENT if name == b"X-Forwarded-For" else VIA]
+
+
 def test_xForwardedForInFilterStartsFresh() -> None:
     fields = upstream(
         (b"X-Forwarded-For", b"203.0.113.1"), drop=frozenset({b"x-forwarded-for"})
