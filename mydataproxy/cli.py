@@ -66,7 +66,7 @@ def _openKeyStore(arguments: argparse.Namespace):
     @return: the L{keystore.KeyStore}.
     @raise keystore.KeyStoreError: a password or the store cannot be read.
     """
-    from mydataproxy import keystore
+    from mydataproxy.tls import keystore
 
     if arguments.password is not None:
         password = keystore.resolvePassword(arguments.password)
@@ -79,7 +79,7 @@ def _openKeyStore(arguments: argparse.Namespace):
 
 
 def _printCertificate(label: str, cert, indent: str) -> None:
-    from mydataproxy import keystore
+    from mydataproxy.tls import keystore
 
     facts = keystore.describe(cert)
     days = facts["daysToExpiry"]
@@ -102,7 +102,7 @@ def _printCertificate(label: str, cert, indent: str) -> None:
 
 def keystoreShow(arguments: argparse.Namespace) -> int:
     """C{mydataproxy keystore show}: list a store's entries."""
-    from mydataproxy import keystore
+    from mydataproxy.tls import keystore
 
     try:
         store = _openKeyStore(arguments)
@@ -127,7 +127,7 @@ def keystoreShow(arguments: argparse.Namespace) -> int:
 
 def keystoreConvert(arguments: argparse.Namespace) -> int:
     """C{mydataproxy keystore convert}: write a store's key and certificates as PEM."""
-    from mydataproxy import keystore
+    from mydataproxy.tls import keystore
 
     try:
         store = _openKeyStore(arguments)

@@ -20,14 +20,14 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from mydataproxy.auth import Htpasswd, ProxyAuthenticator
+from mydataproxy.egress.auth import Htpasswd, ProxyAuthenticator
 from mydataproxy.config import Settings
-from mydataproxy.forward import ForwardProxy
-from mydataproxy.listener import TLSListener
-from mydataproxy.logs import AccessLog
-from mydataproxy.resolver import Resolver
-from mydataproxy.tls import OriginTLS, ServerTLS
-from mydataproxy.upstream import UpstreamPool
+from mydataproxy.forward.channel import ForwardProxy
+from mydataproxy.tls.listener import TLSListener
+from mydataproxy.ops.logs import AccessLog
+from mydataproxy.egress.resolver import Resolver
+from mydataproxy.tls.contexts import OriginTLS, ServerTLS
+from mydataproxy.upstream.client import UpstreamPool
 
 txaio.use_twisted()
 log = txaio.make_logger()

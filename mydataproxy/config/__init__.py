@@ -1,0 +1,65 @@
+"""
+Configuration as data: the frozen settings model (L{model}), the native TOML
+loader (L{toml}) and the Java product's C{application.properties}
+(L{legacy}), both loading into the same model.
+
+Owns: describing settings and checking what a config file says.  Imports
+nothing of ours but L{mydataproxy.http.hosts}; reading the material a config
+names (key stores, the htpasswd file) is L{mydataproxy.material}'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mydataproxy.config.legacy import loadProperties
+from mydataproxy.config.model import (
+    ACTIONS,
+    CLIENT_AUTH,
+    ConfigError,
+    DEFAULT_HTTP_PORTS,
+    EgressRule,
+    EgressSettings,
+    ForwardSettings,
+    IPNetwork,
+    LOG_LEVELS,
+    LimitSettings,
+    LoggingSettings,
+    MODES,
+    OriginTLSProfile,
+    PRESETS,
+    PROXY_WRITTEN_FIELDS,
+    ResolverSettings,
+    STDOUT,
+    ServerTLSSettings,
+    Settings,
+    StoreRef,
+    TLS_VERSIONS,
+    UpstreamSettings,
+)
+from mydataproxy.config.toml import (
+    ListenAddress,
+    headerFilterName,
+    isOpenProxy,
+    loadToml,
+    logDirectoryProblem,
+    parseListen,
+    parseNetwork,
+    parsePortRange,
+    resolvePath,
+    settingsFromMapping,
+    validate,
+)
+
+
+def load(path: str | Path) -> Settings:
+    """
+    Load a config file: the Java product's C{application.properties} (by
+    C{.properties} suffix) or native TOML (anything else).
+
+    @raise ConfigError: If the file cannot be read or is not valid.
+    """
+    path = Path(path)
+    if path.suffix == ".properties":
+        return loadProperties(path)
+    return loadToml(path)

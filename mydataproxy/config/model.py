@@ -1,0 +1,246 @@
+"""
+The settings model: frozen values describing everything the daemon needs.
+
+Plain data.  Reading a config file into it is the loaders' business
+(L{mydataproxy.config.toml}, L{mydataproxy.config.legacy}); reading the
+material it names (key stores, the htpasswd file) is
+L{mydataproxy.material}'s.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+STDOUT = "-"
+
+
+class ConfigError(Exception):
+    """
+    A configuration problem, located as precisely as we can.
+    """
+
+    def __init__(
+        self, source: str, key: str | None, problem: str, line: int | None = None
+    ) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.key:
+            return f"{where}: {self.key}: {self.problem}"
+        return f"{where}: {self.problem}"
+
+
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+CLIENT_AUTH = ("none", "want", "need")
+PRESETS = ("mydata",)
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """
+    A key or trust store in any format (JKS, JCEKS, PKCS#12, PEM).
+
+    @ivar password: As configured: literal, C{env:NAME} or C{file:PATH};
+        resolved whenever the store is (re)loaded.
+    """
+
+    path: str
+    password: str = ""
+    key_password: str = ""
+    alias: str = ""
+
+
+@dataclass(frozen=True)
+class ServerTLSSettings:
+    """TLS on a listener: our certificate, and how clients must prove theirs."""
+
+    key_store: StoreRef
+    trust_store: StoreRef | None = None
+    client_auth: str = "none"
+    min_version: str = "TLSv1.2"
+    ciphers: str = ""
+
+
+@dataclass(frozen=True)
+class OriginTLSProfile:
+    """
+    How to speak TLS to origins: the default (C{upstream.tls}), or a profile
+    for the destinations its C{hosts} patterns match.
+
+    @ivar trust_store: L{None}: the system trust store.
+    @ivar pins: SHA-256 certificate fingerprints (upper-case hex with
+        colons); when given, the origin's certificate must be one of them.
+    @ivar serial_number: When given, the origin certificate's subject
+        serialNumber (the MyData business registration number) must match.
+    """
+
+    name: str = "upstream.tls"
+    hosts: tuple[str, ...] = ()
+    key_store: StoreRef | None = None
+    trust_store: StoreRef | None = None
+    verify: bool = True
+    min_version: str = "TLSv1.2"
+    max_version: str = "TLSv1.3"
+    ciphers: str = ""
+    pins: tuple[str, ...] = ()
+    serial_number: str = ""
+
+
+#: Ports absolute-form and header-routed requests may reach by default: the
+#: HTTP and HTTPS ports and their usual alternatives.  Squid's Safe_ports
+#: also has 1025-65535, which would open Redis (6379), Elasticsearch (9200)
+#: and the like to cross-protocol requests.
+DEFAULT_HTTP_PORTS: tuple[tuple[int, int], ...] = ((80, 80), (443, 443), (8080, 8080), (8443, 8443))
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """
+    The forward-proxy listener (absolute-form, x-target-host and CONNECT).
+
+    @ivar http_ports: Ports absolute-form and header-routed requests may
+        reach, as inclusive C{(low, high)} ranges, sorted and merged.
+    @ivar header_filter: Lower-cased request field names never forwarded;
+        never C{content-length}, C{transfer-encoding} or C{host}, which the
+        proxy writes itself.
+    """
+
+    listen: str = "tcp:9000:interface=127.0.0.1"
+    client_allow: tuple[IPNetwork, ...] = ()
+    connect_ports: frozenset[int] = frozenset({443})
+    http_ports: tuple[tuple[int, int], ...] = DEFAULT_HTTP_PORTS
+    header_filter: frozenset[bytes] = frozenset({b"x-target-host"})
+    client_idle_timeout: float = 60.0
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    auth_file: str = ""
+    auth_realm: str = "MyData Proxy"
+    tls: ServerTLSSettings | None = None
+
+
+MODES = ("absolute", "header", "connect")
+ACTIONS = ("allow", "deny")
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """
+    One destination rule.  Every condition given must hold for the rule to
+    match; an empty condition matches anything.
+
+    @ivar hosts: Normalised host names; C{*.suffix} matches names below
+        C{suffix}.
+    @ivar networks: Networks the resolved address must be in.
+    """
+
+    name: str
+    action: str
+    hosts: tuple[str, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+    ports: frozenset[int] = frozenset()
+    modes: frozenset[str] = frozenset()
+    users: frozenset[str] = frozenset()
+    client_certificates: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """Where the forward proxy may connect: ordered rules, then C{default}."""
+
+    rules: tuple[EgressRule, ...] = ()
+    default: str = "allow"
+    guard: bool = True
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    """
+    Name resolution for origins (asynchronous DNS, never the thread pool).
+
+    @ivar servers: (address, port) of DNS servers; empty means those of
+        C{/etc/resolv.conf}.
+    """
+
+    servers: tuple[tuple[str, int], ...] = ()
+    hosts_file: str = "/etc/hosts"
+    timeout: float = 5.0
+    max_ttl: float = 300.0
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Bounds on what one client may send or hold (0 means no limit)."""
+
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_uri_bytes: int = 8192
+    max_body_bytes: int = 0
+    header_timeout: float = 10.0
+    tunnel_idle_timeout: float = 300.0
+    max_connections: int = 10000
+    max_connections_per_client: int = 256
+    requests_per_second: float = 0.0
+    burst: int = 0
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """Outbound connections to origins: pool bounds and timeouts (seconds)."""
+
+    connect_timeout: float = 60.0
+    read_timeout: float = 60.0
+    pool_wait_timeout: float = 60.0
+    idle_timeout: float = 30.0
+    max_connections_per_destination: int = 200
+    max_connections_total: int = 500
+    queue_per_destination: int = 1000
+    tls: OriginTLSProfile = field(default_factory=OriginTLSProfile)
+    tls_profiles: tuple[OriginTLSProfile, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Where the access log goes (a path, or C{"-"} for standard output)."""
+
+    access_log: str = STDOUT
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """
+    Everything the daemon needs to start.
+
+    @ivar source: Where these settings came from (a path, or C{<embedded
+        defaults>}).
+    @ivar notices: Human-readable remarks about the source that the daemon
+        logs at start and C{check-config} prints (e.g. legacy keys that are
+        not honoured yet).
+    """
+
+    source: str = "<embedded defaults>"
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    resolver: ResolverSettings = field(default_factory=ResolverSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    notices: tuple[str, ...] = ()
+
+
+LOG_LEVELS = ("critical", "error", "warn", "info", "debug", "trace")
+
+
+#: Fields the proxy writes itself, from what it parsed (framing) and from the
+#: target (Host): a filter that removed them would let a client's bytes be
+#: read as another request.
+PROXY_WRITTEN_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"host"})

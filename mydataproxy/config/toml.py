@@ -1,0 +1,691 @@
+"""
+The TOML loader: a native config file into L{Settings}.
+
+Every problem is a L{ConfigError} that names the file, the key (dotted, as
+the user wrote it), the line where it could be found, and what is wrong.
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from twisted.internet import endpoints
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactor
+from twisted.python.failure import Failure
+
+from mydataproxy.http.hosts import normaliseHost
+from mydataproxy.config.model import (
+    ACTIONS,
+    CLIENT_AUTH,
+    ConfigError,
+    EgressRule,
+    EgressSettings,
+    ForwardSettings,
+    IPNetwork,
+    LOG_LEVELS,
+    LimitSettings,
+    LoggingSettings,
+    MODES,
+    OriginTLSProfile,
+    PRESETS,
+    PROXY_WRITTEN_FIELDS,
+    ResolverSettings,
+    STDOUT,
+    ServerTLSSettings,
+    Settings,
+    StoreRef,
+    TLS_VERSIONS,
+    UpstreamSettings,
+)
+
+
+class _Checker:
+    """Validation helpers bound to one source, so every error is located."""
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self._lines = text.splitlines()
+
+    def lineOf(self, dotted: str) -> int | None:
+        """
+        Best-effort line number of a dotted key such as C{forward.listen} or
+        C{egress.rules[2].hosts}: the key's line inside its table, else the
+        table's header line.
+        """
+        indexed = re.fullmatch(r"(.+)\[(\d+)\](?:\.([^.]+))?", dotted)
+        if indexed:
+            section, index, leaf = indexed.group(1), int(indexed.group(2)), indexed.group(3)
+            header = re.compile(rf"^\s*\[\[\s*{re.escape(section)}\s*\]\]")
+        else:
+            section, _, leaf = dotted.rpartition(".")
+            if not section:
+                section, leaf = dotted, None
+            index = 0
+            header = re.compile(rf"^\s*\[\s*{re.escape(section)}\s*\]")
+        start = None
+        for number, line in enumerate(self._lines):
+            if header.match(line):
+                if index == 0:
+                    start = number
+                    break
+                index -= 1
+        if start is None:
+            # Not a table after all (e.g. "forward = 3"): look for the key.
+            bare = re.compile(rf'^\s*("?){re.escape(dotted.rsplit(".", 1)[-1])}\1\s*=')
+            return next((n + 1 for n, line in enumerate(self._lines) if bare.match(line)), None)
+        if leaf is None:
+            return start + 1
+        key = re.compile(rf'^\s*("?){re.escape(leaf)}\1\s*=')
+        for number in range(start + 1, len(self._lines)):
+            if self._lines[number].lstrip().startswith("["):
+                break
+            if key.match(self._lines[number]):
+                return number + 1
+        return start + 1
+
+    def error(self, dotted: str | None, problem: str) -> ConfigError:
+        return ConfigError(
+            self.source, dotted, problem, self.lineOf(dotted) if dotted else None
+        )
+
+    def number(self, dotted: str, value: Any, minimum: float, integer: bool) -> Any:
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "an integer" if integer else "a number"
+            raise self.error(dotted, f"must be {kind}, not {value!r}")
+        if value < minimum:
+            raise self.error(dotted, f"must be at least {minimum}, not {value!r}")
+        return value if integer else float(value)
+
+    def string(self, dotted: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(dotted, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def stringList(self, dotted: str, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(dotted, f"must be a list of strings, not {value!r}")
+        return value
+
+    def networks(self, dotted: str, value: Any) -> tuple[IPNetwork, ...]:
+        networks = []
+        for item in self.stringList(dotted, value):
+            try:
+                networks.append(parseNetwork(item))
+            except ValueError as e:
+                raise self.error(dotted, str(e)) from None
+        return tuple(networks)
+
+    def ports(self, dotted: str, value: Any) -> frozenset[int]:
+        if not isinstance(value, list) or not value:
+            raise self.error(dotted, "must be a non-empty list of port numbers")
+        ports = [self.number(dotted, p, 1, integer=True) for p in value]
+        if any(p > 65535 for p in ports):
+            raise self.error(dotted, f"port out of range in {value!r}")
+        return frozenset(ports)
+
+    def portRanges(self, dotted: str, value: Any) -> tuple[tuple[int, int], ...]:
+        """Port numbers and C{"low-high"} strings as sorted, merged ranges."""
+        if not isinstance(value, list) or not value:
+            raise self.error(dotted, 'must be a non-empty list of ports and "low-high" ranges')
+        ranges = []
+        for item in value:
+            try:
+                ranges.append(parsePortRange(item))
+            except ValueError as e:
+                raise self.error(dotted, str(e)) from None
+        merged: list[tuple[int, int]] = []
+        for low, high in sorted(ranges):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+            else:
+                merged.append((low, high))
+        return tuple(merged)
+
+    def hostPatterns(self, dotted: str, value: Any) -> tuple[str, ...]:
+        """Normalised host names and C{*.suffix} patterns."""
+        hosts = []
+        for host in self.stringList(dotted, value):
+            wildcard = host.startswith("*.")
+            try:
+                name = normaliseHost(host[2:] if wildcard else host)
+            except ValueError as e:
+                raise self.error(dotted, f"{host!r}: {e}") from None
+            hosts.append("*." + name if wildcard else name)
+        return tuple(hosts)
+
+    def choice(self, dotted: str, value: Any, choices: tuple[str, ...]) -> str:
+        if value not in choices:
+            raise self.error(dotted, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+
+def parsePortRange(item: Any) -> tuple[int, int]:
+    """
+    A port (C{443}) or an inclusive range (C{"8000-8099"}) as C{(low, high)}.
+
+    @raise ValueError: If C{item} is neither, or is outside 1-65535.
+    """
+    if isinstance(item, int) and not isinstance(item, bool):
+        low = high = item
+    elif isinstance(item, str) and re.fullmatch(r"[0-9]{1,5}-[0-9]{1,5}", item.strip()):
+        low, high = map(int, item.strip().split("-"))
+    else:
+        raise ValueError(f'{item!r} is neither a port number nor a "low-high" range')
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{item!r}: ports run from 1 to 65535, low to high")
+    return low, high
+
+
+
+# RFC 9110 section 5.6.2: field names are tokens.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def headerFilterName(name: str) -> bytes:
+    """
+    The lower-cased field name a C{header_filter} entry stands for
+    (surrounding blanks ignored).
+
+    @raise ValueError: If C{name} is not a field name (an RFC 9110 token),
+        or is one of L{PROXY_WRITTEN_FIELDS}.
+    """
+    token = name.strip()
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"{name!r} is not a valid header field name (RFC 9110 token)")
+    lower = token.lower().encode("ascii")
+    if lower in PROXY_WRITTEN_FIELDS:
+        raise ValueError(
+            f"{token!r} cannot be filtered: the proxy writes Content-Length, Transfer-Encoding and Host itself"
+        )
+    return lower
+
+
+def parseNetwork(text: str) -> IPNetwork:
+    """
+    Parse a client address pattern: a CIDR (C{10.1.0.0/16}, C{::1/128}), a
+    bare address, or the legacy wildcard form C{10.1.*.*}.
+
+    @raise ValueError: If C{text} is none of these.
+    """
+    text = text.strip()
+    if "*" in text:
+        parts = text.split(".")
+        if len(parts) != 4:
+            raise ValueError(f"{text!r} is not a valid IPv4 wildcard pattern")
+        fixed = 0
+        while fixed < 4 and parts[fixed] != "*":
+            fixed += 1
+        if any(p != "*" for p in parts[fixed:]):
+            raise ValueError(f"{text!r}: '*' may only stand for trailing octets")
+        address = ".".join(parts[:fixed] + ["0"] * (4 - fixed))
+        return ipaddress.ip_network(f"{address}/{fixed * 8}")
+    return ipaddress.ip_network(text, strict=True)
+
+
+def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSettings:
+    defaults = ForwardSettings()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"forward.{key}"
+        if key == "listen":
+            values[key] = check.string(dotted, value)
+        elif key in ("client_allow", "trusted_proxies"):
+            values[key] = check.networks(dotted, value)
+        elif key == "connect_ports":
+            values[key] = check.ports(dotted, value)
+        elif key == "http_ports":
+            values[key] = check.portRanges(dotted, value)
+        elif key == "header_filter":
+            names = []
+            for name in check.stringList(dotted, value):
+                try:
+                    names.append(headerFilterName(name))
+                except ValueError as e:
+                    raise check.error(dotted, str(e)) from None
+            values[key] = frozenset(names)
+        elif key == "client_idle_timeout":
+            values[key] = check.number(dotted, value, 0.001, integer=False)
+        elif key == "auth_file":
+            values[key] = resolvePath(check.string(dotted, value), base)
+        elif key == "tls":
+            values[key] = _serverTLS(check, value, base)
+        elif key == "auth_realm":
+            realm = check.string(dotted, value)
+            if not realm.isprintable():
+                raise check.error(dotted, "must be printable text")
+            values[key] = realm
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(defaults, **values)
+
+
+def _store(check: _Checker, prefix: str, table: Mapping[str, Any], kind: str, base: Path) -> StoreRef | None:
+    """The C{key_store}/C{trust_store} reference in C{table}, if any."""
+    path = table.get(kind)
+    if path is None:
+        for suffix in ("_password",) + (("key_password", "key_alias") if kind == "key_store" else ()):
+            key = suffix if suffix.startswith("key_") else kind + suffix
+            if key in table:
+                raise check.error(f"{prefix}.{key}", f"given without {prefix}.{kind}")
+        return None
+    path = resolvePath(check.string(f"{prefix}.{kind}", path), base)
+    ref = StoreRef(path, password=table.get(f"{kind}_password", ""))
+    if kind == "key_store":
+        ref = replace(ref, key_password=table.get("key_password", ""), alias=table.get("key_alias", ""))
+    for key in ("password", "key_password", "alias"):
+        if not isinstance(getattr(ref, key), str):
+            raise check.error(f"{prefix}.{kind}_{key}", "must be a string")
+    return ref
+
+
+_STORE_KEYS = {
+    "key_store", "key_store_password", "key_password", "key_alias", "trust_store", "trust_store_password"
+}
+
+
+def _serverTLS(check: _Checker, table: Any, base: Path) -> ServerTLSSettings:
+    prefix = "forward.tls"
+    if not isinstance(table, dict):
+        raise check.error(prefix, "must be a table ([forward.tls])")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key == "client_auth":
+            values[key] = check.choice(dotted, value, CLIENT_AUTH)
+        elif key == "min_version":
+            values[key] = check.choice(dotted, value, TLS_VERSIONS)
+        elif key == "ciphers":
+            values[key] = check.string(dotted, value)
+        elif key not in _STORE_KEYS:
+            raise check.error(dotted, "unknown key")
+    keyStore = _store(check, prefix, table, "key_store", base)
+    if keyStore is None:
+        raise check.error(prefix, "needs key_store (our certificate and key)")
+    trustStore = _store(check, prefix, table, "trust_store", base)
+    if values.get("client_auth", "none") != "none" and trustStore is None:
+        raise check.error(f"{prefix}.client_auth", "needs trust_store (the CAs client certificates must come from)")
+    return ServerTLSSettings(keyStore, trustStore, **values)
+
+
+def _originTLS(check: _Checker, prefix: str, table: Any, base: Path, default: OriginTLSProfile) -> OriginTLSProfile:
+    if not isinstance(table, dict):
+        raise check.error(prefix, "must be a table")
+    values: dict[str, Any] = {}
+    preset = None
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key == "name" and prefix != "upstream.tls":
+            values[key] = f"{prefix} {check.string(dotted, value)}"
+        elif key == "hosts" and prefix != "upstream.tls":
+            values[key] = check.hostPatterns(dotted, value)
+        elif key == "preset":
+            preset = check.choice(dotted, value, PRESETS)
+        elif key == "verify":
+            if not isinstance(value, bool):
+                raise check.error(dotted, f"must be true or false, not {value!r}")
+            values[key] = value
+        elif key in ("min_version", "max_version"):
+            values[key] = check.choice(dotted, value, TLS_VERSIONS)
+        elif key in ("ciphers", "serial_number"):
+            values[key] = check.string(dotted, value)
+        elif key == "pins":
+            pins = []
+            for pin in check.stringList(dotted, value):
+                hexDigits = pin.replace(":", "").upper()
+                if len(hexDigits) != 64 or any(c not in "0123456789ABCDEF" for c in hexDigits):
+                    raise check.error(dotted, f"{pin!r} is not a SHA-256 fingerprint")
+                pins.append(":".join(hexDigits[i : i + 2] for i in range(0, 64, 2)))
+            values[key] = tuple(pins)
+        elif key not in _STORE_KEYS:
+            raise check.error(dotted, "unknown key")
+    for kind in ("key_store", "trust_store"):
+        ref = _store(check, prefix, table, kind, base)
+        if ref is not None:
+            values[kind] = ref
+    if prefix != "upstream.tls":
+        values.setdefault("name", prefix)
+        if not values.get("hosts"):
+            raise check.error(f"{prefix}.hosts", "a profile needs the host patterns it applies to")
+    profile = replace(default, **values)
+    if preset == "mydata":
+        # The MyData standard: TLS 1.3 only, and mutual TLS on every connection.
+        profile = replace(profile, min_version="TLSv1.3", max_version="TLSv1.3")
+        if profile.key_store is None:
+            raise check.error(f"{prefix}.preset", "mydata needs key_store (the client certificate)")
+    if TLS_VERSIONS.index(profile.min_version) > TLS_VERSIONS.index(profile.max_version):
+        raise check.error(f"{prefix}.min_version", "is above max_version")
+    return profile
+
+
+def _rule(check: _Checker, index: int, table: Any) -> EgressRule:
+    prefix = f"egress.rules[{index}]"
+    if not isinstance(table, dict):
+        raise check.error("egress.rules", f"entry {index} must be a table ([[egress.rules]])")
+    values: dict[str, Any] = {"name": prefix}
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if key == "name":
+            values[key] = f"{prefix} {check.string(dotted, value)}"
+        elif key == "action":
+            values[key] = check.choice(dotted, value, ACTIONS)
+        elif key == "hosts":
+            values[key] = check.hostPatterns(dotted, value)
+        elif key == "networks":
+            values[key] = check.networks(dotted, value)
+        elif key == "ports":
+            values[key] = check.ports(dotted, value)
+        elif key == "modes":
+            values[key] = frozenset(check.choice(dotted, m, MODES) for m in check.stringList(dotted, value))
+        elif key == "users":
+            values[key] = frozenset(check.stringList(dotted, value))
+        elif key == "client_certificates":
+            # Subjects as RFC 4514 text, e.g. "CN=gateway,O=Example Bank".
+            values[key] = frozenset(check.stringList(dotted, value))
+        else:
+            raise check.error(dotted, "unknown key")
+    if "action" not in values:
+        raise check.error(prefix, "needs an action (allow or deny)")
+    return EgressRule(**values)
+
+
+def _egress(check: _Checker, table: Mapping[str, Any]) -> EgressSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"egress.{key}"
+        if key == "rules":
+            if not isinstance(value, list):
+                raise check.error(dotted, "must be an array of tables ([[egress.rules]])")
+            values[key] = tuple(_rule(check, i, rule) for i, rule in enumerate(value))
+        elif key == "default":
+            values[key] = check.choice(dotted, value, ACTIONS)
+        elif key == "guard":
+            if not isinstance(value, bool):
+                raise check.error(dotted, f"must be true or false, not {value!r}")
+            values[key] = value
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(EgressSettings(), **values)
+
+
+def _resolver(check: _Checker, table: Mapping[str, Any], base: Path) -> ResolverSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"resolver.{key}"
+        if key == "servers":
+            servers = []
+            for item in check.stringList(dotted, value):
+                host, port = item, 53
+                if item.count(":") == 1 or item.startswith("["):
+                    host, _, portText = item.rpartition(":")
+                    if not portText.isdigit() or not 0 < int(portText) < 65536:
+                        raise check.error(dotted, f"{item!r}: invalid port")
+                    port = int(portText)
+                try:
+                    host = str(ipaddress.ip_address(host.strip("[]")))
+                except ValueError:
+                    raise check.error(dotted, f"{item!r}: must be an IP address[:port]") from None
+                servers.append((host, port))
+            values[key] = tuple(servers)
+        elif key == "hosts_file":
+            values[key] = resolvePath(check.string(dotted, value), base)
+        elif key in ("timeout", "max_ttl"):
+            values[key] = check.number(dotted, value, 0.001 if key == "timeout" else 0, integer=False)
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(ResolverSettings(), **values)
+
+
+_LIMIT_INTEGERS = {
+    "max_header_bytes": 1024,
+    "max_headers": 1,
+    "max_uri_bytes": 64,
+    "max_body_bytes": 0,
+    "max_connections": 1,
+    "max_connections_per_client": 1,
+    "burst": 0,
+}
+_LIMIT_SECONDS = {"header_timeout": 0.001, "tunnel_idle_timeout": 0.001, "requests_per_second": 0}
+
+
+def _limits(check: _Checker, table: Mapping[str, Any]) -> LimitSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"limits.{key}"
+        if key in _LIMIT_INTEGERS:
+            values[key] = check.number(dotted, value, _LIMIT_INTEGERS[key], integer=True)
+        elif key in _LIMIT_SECONDS:
+            values[key] = check.number(dotted, value, _LIMIT_SECONDS[key], integer=False)
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(LimitSettings(), **values)
+
+
+def _upstream(check: _Checker, table: Mapping[str, Any], base: Path) -> UpstreamSettings:
+    defaults = UpstreamSettings()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"upstream.{key}"
+        if key in ("connect_timeout", "read_timeout", "pool_wait_timeout", "idle_timeout"):
+            values[key] = check.number(dotted, value, 0.001, integer=False)
+        elif key in ("max_connections_per_destination", "max_connections_total", "queue_per_destination"):
+            values[key] = check.number(dotted, value, 1, integer=True)
+        elif key == "tls":
+            if not isinstance(value, dict):
+                raise check.error(dotted, "must be a table ([upstream.tls])")
+            profiles = value.get("profiles", [])
+            if not isinstance(profiles, list):
+                raise check.error(f"{dotted}.profiles", "must be an array of tables ([[upstream.tls.profiles]])")
+            default = _originTLS(
+                check, dotted, {k: v for k, v in value.items() if k != "profiles"}, base, OriginTLSProfile()
+            )
+            values["tls"] = default
+            # Profiles start from the default's settings (trust store, versions).
+            values["tls_profiles"] = tuple(
+                _originTLS(check, f"{dotted}.profiles[{i}]", p, base, replace(default, name="", pins=(), serial_number=""))
+                for i, p in enumerate(profiles)
+            )
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(defaults, **values)
+
+
+def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSettings:
+    defaults = LoggingSettings()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"logging.{key}"
+        if key == "access_log":
+            values[key] = resolvePath(check.string(dotted, value), base)
+            problem = logDirectoryProblem(values[key])
+            if problem:
+                raise check.error(dotted, problem)
+        elif key == "level":
+            level = check.string(dotted, value).lower()
+            if level not in LOG_LEVELS:
+                raise check.error(dotted, f"must be one of {', '.join(LOG_LEVELS)}")
+            values[key] = level
+        else:
+            raise check.error(dotted, "unknown key")
+    return replace(defaults, **values)
+
+
+def logDirectoryProblem(path: str) -> str | None:
+    """
+    Why the log file C{path} (absolute, or C{"-"}) could not be opened for
+    lack of its directory, or L{None}.
+    """
+    if path == STDOUT:
+        return None
+    directory = Path(path).parent
+    if not directory.exists():
+        return f"the directory {directory} does not exist"
+    if not directory.is_dir():
+        return f"{directory} is not a directory"
+    return None
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """
+    The TCP address a listener binds.
+
+    @ivar interface: An IP address; C{""} means every IPv4 interface.
+    """
+
+    interface: str
+    port: int
+
+
+def parseListen(description: str) -> ListenAddress | None:
+    """
+    Parse a listener's endpoint description as twistd will, and listen on a
+    memory reactor only: the port must be in 0-65535 and the interface an
+    IP address, else the real listen would fail at start.
+
+    @return: The TCP address it binds, or L{None} for a listener without
+        one (e.g. a UNIX socket).
+    @raise ValueError: Saying what is wrong.
+    """
+    reactor = MemoryReactor()
+    try:
+        endpoint = endpoints.serverFromString(reactor, description)
+    except Exception as e:
+        # Each endpoint type's parser raises what its argument handling
+        # does: ValueError, TypeError, IndexError, OSError for a missing
+        # certificate file, OpenSSL errors...
+        raise ValueError(f"not a valid endpoint description: {e}") from None
+    outcome: list[Any] = []
+    endpoint.listen(Factory()).addBoth(outcome.append)
+    if outcome and isinstance(outcome[0], Failure):
+        raise ValueError(f"cannot listen: {outcome[0].getErrorMessage()}")
+    # Both record (port, ..., interface).
+    servers = [(server[0], server[-1]) for server in reactor.tcpServers + reactor.sslServers]
+    if not servers:
+        return None
+    port, interface = servers[0]
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    if interface:
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ValueError(f"interface {interface!r} is not an IP address") from None
+    return ListenAddress(interface, port)
+
+
+def isOpenProxy(forward: ForwardSettings) -> bool:
+    """
+    Does the forward listener serve anyone who can reach it: bound beyond
+    loopback, with no client allow-list (or one admitting every address),
+    no proxy authentication and no required client certificate?
+
+    @raise ValueError: If C{forward.listen} is not valid (see L{parseListen}).
+    """
+    address = parseListen(forward.listen)
+    if address is None:
+        return False
+    if address.interface and ipaddress.ip_address(address.interface).is_loopback:
+        return False
+    everyone = not forward.client_allow or any(n.prefixlen == 0 for n in forward.client_allow)
+    certificates = forward.tls is not None and forward.tls.client_auth == "need"
+    return everyone and not forward.auth_file and not certificates
+
+
+def resolvePath(path: str, base: Path) -> str:
+    """Resolve a configured path against the config file's directory."""
+    if path == STDOUT:
+        return path
+    return str((base / path).resolve())
+
+
+def settingsFromMapping(
+    document: Mapping[str, Any], source: str, text: str, base: Path
+) -> Settings:
+    """
+    Validate a parsed TOML document into L{Settings}.
+
+    @param base: Directory that relative paths are resolved against.
+    @raise ConfigError: On the first problem found.
+    """
+    check = _Checker(source, text)
+    sections: dict[str, Any] = {}
+    for name, table in document.items():
+        if not isinstance(table, dict):
+            raise check.error(name, "must be a table ([section])")
+        if name == "forward":
+            sections[name] = _forward(check, table, base)
+        elif name == "egress":
+            sections[name] = _egress(check, table)
+        elif name == "resolver":
+            sections[name] = _resolver(check, table, base)
+        elif name == "limits":
+            sections[name] = _limits(check, table)
+        elif name == "upstream":
+            sections[name] = _upstream(check, table, base)
+        elif name == "logging":
+            sections[name] = _logging(check, table, base)
+        else:
+            raise check.error(name, "unknown section")
+    settings = Settings(source=source, **sections)
+    validate(settings, check)
+    if isOpenProxy(settings.forward):
+        line = check.lineOf("forward.listen")
+        where = f"{source}:{line}" if line is not None else source
+        notice = (
+            f"{where}: OPEN PROXY: forward.listen {settings.forward.listen!r} is reachable beyond loopback,"
+            " forward.client_allow admits every client and forward.auth_file is not set: anyone who can"
+            " reach the port can use this proxy; set forward.client_allow or forward.auth_file"
+        )
+        settings = replace(settings, notices=(notice,))
+    return settings
+
+
+def validate(settings: Settings, check: _Checker) -> None:
+    """Checks that need more than one key's value, other files, or the reactor."""
+    from mydataproxy.egress.auth import Htpasswd, HtpasswdError
+
+    try:
+        parseListen(settings.forward.listen)
+    except ValueError as e:
+        raise check.error("forward.listen", str(e)) from None
+    if settings.forward.auth_file:
+        try:
+            Htpasswd.load(settings.forward.auth_file)
+        except (HtpasswdError, OSError) as e:
+            raise check.error("forward.auth_file", str(e)) from None
+    from mydataproxy.tls.contexts import OriginTLS, TLSConfigError, buildServerContext
+
+    if settings.forward.tls is not None:
+        try:
+            buildServerContext(settings.forward.tls)
+        except TLSConfigError as e:
+            raise check.error("forward.tls", str(e)) from None
+    try:
+        OriginTLS(settings.upstream.tls, settings.upstream.tls_profiles)
+    except TLSConfigError as e:
+        raise check.error("upstream.tls", str(e)) from None
+    users = {user for rule in settings.egress.rules for user in rule.users}
+    if users and not settings.forward.auth_file:
+        raise check.error("egress.rules", "rules name users, but forward.auth_file is not set")
+
+
+def loadToml(path: Path) -> Settings:
+    """Load and validate a native TOML config file."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(source, None, f"cannot read: {e}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, None, f"not valid TOML: {e}") from None
+    return settingsFromMapping(document, source, text, path.parent)

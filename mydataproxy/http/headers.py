@@ -1,0 +1,165 @@
+"""
+Header rules a proxy applies in both directions (RFC 9110 section 7.6).
+
+Hop-by-hop fields describe one connection, not the message, so they are
+removed before a message is relayed: the fixed set below, plus every name the
+C{Connection} field lists.  Framing (C{Transfer-Encoding} and
+C{Content-Length}) is redone by the proxy for each connection, from what
+it parsed: it is never copied, so no field list can remove or forge it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from twisted.web.http import RESPONSES
+
+from mydataproxy.http.framing import RequestHead
+
+VIA = b"1.1 mydataproxy"
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Fields the proxy writes itself, whatever the message carried: framing
+# (Content-Length, Transfer-Encoding) from what it parsed, Host from the
+# target; Expect is answered by the proxy (it sends the 100 itself); Via and
+# X-Forwarded-For are appended to.  No Connection option and no filter entry
+# can touch these.
+_REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"expect", b"via", b"x-forwarded-for"})
+# Max-Forwards counts hops for these methods only (RFC 9110 7.6.2).
+MAX_FORWARDS_METHODS = (b"OPTIONS", b"TRACE")
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+
+HeaderList = list[tuple[bytes, bytes]]
+
+
+def connectionTokens(values: Sequence[bytes]) -> frozenset[bytes]:
+    """
+    The lower-cased option names listed in C{Connection} field values.
+    """
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower()
+        for value in values
+        for token in value.split(b",")
+        if token.strip()
+    )
+
+
+def _appended(existing: Sequence[bytes] | None, value: bytes) -> bytes:
+    if existing:
+        return b", ".join([*existing, value])
+    return value
+
+
+def via(version: bytes) -> bytes:
+    """Our C{Via} entry for a message received with HTTP C{version}."""
+    return (version[5:] if version.startswith(b"HTTP/") else b"1.1") + b" mydataproxy"
+
+
+def upstreamRequestFields(
+    head: RequestHead, drop: frozenset[bytes], host: bytes, peerAddress: bytes
+) -> HeaderList:
+    """
+    The header fields to send to the origin for a client request, framing
+    fields excepted (the caller writes those from what it parsed).
+
+    @param head: The client's request head.
+    @param drop: Lower-cased names never forwarded (the configured filter).
+    @param host: The value for C{Host} (the target's authority).
+    @param peerAddress: The address of the client socket (the hop we
+        received the request from), appended to C{X-Forwarded-For}.
+    @return: (name, value) pairs in the client's order and spelling,
+        repeated fields kept.
+    """
+    listed = head.connection
+    out: HeaderList = [(b"Host", host)]
+    for name, value in head.fields:
+        lower = name.lower()
+        if (
+            lower in HOP_BY_HOP
+            or lower in _REWRITTEN_REQUEST_FIELDS
+            or lower in listed
+            or lower in drop
+            or (lower == b"max-forwards" and head.method in MAX_FORWARDS_METHODS)
+        ):
+            continue
+        out.append((name, value))
+    # A field the client declared hop-by-hop or that the filter drops starts afresh.
+    forwardedFor = None if b"x-forwarded-for" in drop or b"x-forwarded-for" in listed else head.values(b"x-forwarded-for")
+    vias = None if b"via" in listed else head.values(b"via")
+    out.append((b"X-Forwarded-For", _appended(forwardedFor, peerAddress)))
+    out.append((b"Via", _appended(vias, via(head.version))))
+    return out
+
+
+def relayedResponseFields(fields: HeaderList) -> HeaderList:
+    """
+    The origin's response fields to relay to the client: hop-by-hop and
+    framing fields removed (the proxy frames the response itself), our
+    C{Via} appended to the origin's.
+    """
+    lowered = [(name.lower(), name, value) for name, value in fields]
+    listed = connectionTokens([v for lower, _, v in lowered if lower == b"connection"])
+    out: HeaderList = []
+    vias: list[bytes] = []
+    for lower, name, value in lowered:
+        if lower in HOP_BY_HOP or lower in _FRAMING_FIELDS or lower in listed:
+            continue
+        if lower == b"via":
+            vias.append(value)
+        else:
+            out.append((name, value))
+    out.append((b"Via", _appended(vias, VIA)))
+    return out
+
+
+def ownResponse(
+    version: bytes,
+    status: int,
+    body: bytes,
+    fields: HeaderList = (),
+    close: bool = False,
+    headOnly: bool = False,
+) -> bytes:
+    """
+    A complete response the proxy gives itself, to a request of HTTP
+    C{version}; an HTTP/1.0 connection kept open says so.  For a HEAD
+    request (C{headOnly}) the body is left out, its length kept.
+    """
+    phrase = RESPONSES.get(status, b"Error")
+    if close:
+        connection = b"Connection: close\r\n"
+    elif version == b"HTTP/1.0":
+        connection = b"Connection: keep-alive\r\n"
+    else:
+        connection = b""
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, phrase),
+            *(b"%s: %s\r\n" % field for field in fields),
+            b"Content-Length: %d\r\n" % len(body),
+            connection,
+            b"\r\n",
+            b"" if headOnly else body,
+        ]
+    )
+
+
+def plainResponse(status: int, reason: str, close: bool, fields: HeaderList = ()) -> bytes:
+    """A complete plain-text response, for answers the proxy gives itself."""
+    body = (reason + "\n").encode("utf-8")
+    return ownResponse(b"HTTP/1.1", status, body, [(b"Content-Type", b"text/plain; charset=utf-8"), *fields], close)
