@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from conftest import require_tool
-from mydataproxy import cli, config, legacy
+from mydataproxy import cli, config
+from mydataproxy.config import legacy
 from mydataproxy.config import ConfigError, Settings
 from mydataproxy.tls.keystore import resolvePassword
 

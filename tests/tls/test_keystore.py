@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from conftest import require_tool
-from mydataproxy import cli, keystore
+from mydataproxy import cli
+from mydataproxy.tls import keystore
 from mydataproxy.tls.keystore import KeyStoreError, loadKeyStore
 
 DER = serialization.Encoding.DER
