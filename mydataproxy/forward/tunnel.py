@@ -6,12 +6,19 @@ the producer of the other's, so a full send buffer on one side stops reading
 on the other.  Half-close is honoured: an EOF from one side becomes a
 write-shutdown towards the other, and the tunnel ends when both directions
 have ended (or either side drops).
+
+Who may go where (authentication, the CONNECT port list, the egress rules,
+DNS, the guard) is asked of the listener's
+L{mydataproxy.pipeline.RequestPipeline}; the tunnel connects to the
+addresses it admitted and nothing else.  L{TunnelChannel} and
+L{TunnelListener} say what a tunnel needs of the connection it took over and
+of its listener (this module does not import the channel).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+import typing
 
 import txaio
 from twisted.internet.defer import Deferred
@@ -20,12 +27,13 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mydataproxy.config import Settings
+from mydataproxy.egress.connect import connect
 from mydataproxy.http.headers import HeaderList, plainResponse
 from mydataproxy.http.target import Refusal, Target
-from mydataproxy.egress.connect import connect
-
-if TYPE_CHECKING:
-    from mydataproxy.forward.channel import ForwardChannel, ForwardProxy
+from mydataproxy.ops.logs import AccessLog
+from mydataproxy.pipeline import RequestPipeline
+from mydataproxy.upstream.client import UpstreamPool
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -35,6 +43,29 @@ ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 # send its TLS ClientHello right behind the CONNECT); past this the client
 # socket is paused.
 PENDING_LIMIT = 64 * 1024
+
+
+class TunnelListener(typing.Protocol):
+    """What a tunnel needs of its listener's shared state."""
+
+    settings: Settings
+    pipeline: RequestPipeline
+    pool: UpstreamPool
+    accessLog: AccessLog
+    reactor: object
+    tunnels: set[Tunnel]
+
+
+class TunnelChannel(typing.Protocol):
+    """What a tunnel needs of the client connection it took over."""
+
+    transport: object
+
+    def clientAddress(self) -> str: ...
+
+    def clientCertificate(self) -> str: ...
+
+    def linger(self) -> None: ...
 
 
 @implementer(IHalfCloseableProtocol)
@@ -77,10 +108,10 @@ class Tunnel:
 
     def __init__(
         self,
-        channel: "ForwardChannel",
+        channel: TunnelChannel,
         target: Target | Refusal,
         credentials: list[bytes] | None,
-        proxy: "ForwardProxy",
+        proxy: TunnelListener,
     ) -> None:
         self.channel = channel
         self.client = channel.transport
@@ -111,7 +142,7 @@ class Tunnel:
         self.proxy.tunnels.add(self)
         reactor = self.proxy.reactor
         credentials, self.credentials = self.credentials, None
-        d = self.proxy.admit(
+        d = self.proxy.pipeline.admit(
             credentials, self.target, self.channel.clientCertificate(), self.channel.clientAddress()
         )
         d.addCallback(

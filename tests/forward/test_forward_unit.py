@@ -21,6 +21,7 @@ from mydataproxy.forward.channel import CLOSE_SECONDS, LINGER_BYTES, LINGER_SECO
 from mydataproxy.http.framing import headerProblem, requestLineProblem
 from mydataproxy.egress.policy import ClientAccess, connectAllowed
 from mydataproxy.http.target import MISSING_TARGET_HOST
+from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.config import OriginTLSProfile
 from mydataproxy.tls.contexts import OriginTLS
@@ -250,9 +251,8 @@ class Client:
         self.pool = UpstreamPool(self.reactor, UpstreamSettings(), ORIGIN_TLS)
         self.accessLog = AccessRecorder()
         settings = settings or Settings(egress=LOOPBACK_ALLOWED)
-        self.proxy = ForwardProxy(
-            settings, self.pool, Resolver(self.reactor, settings.resolver), self.accessLog, self.reactor
-        )
+        self.pipeline = RequestPipeline(settings, Resolver(self.reactor, settings.resolver), None, self.reactor)
+        self.proxy = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, self.reactor)
         self.channel = self.proxy.buildProtocol(None)
         # Keep the idle timeout on the fake clock, off the global reactor.
         self.channel.callLater = self.reactor.callLater
@@ -669,7 +669,7 @@ class UnansweredResolver:
 
 def test_resolutionFailureWithHeldBodyLeavesTheConnectionReadable() -> None:
     c = Client()
-    resolver = c.proxy.resolver = UnansweredResolver()
+    resolver = c.pipeline.resolver = UnansweredResolver()
     body = b"x" * 100_000  # more than the exchange holds before pausing the client
     c.send(b"POST http://origin.test/ HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert c.transport.producerState == "paused"
