@@ -7,13 +7,18 @@ import os
 import sys
 from pathlib import Path
 
-from mydataproxy import config
+from mydataproxy import config, material
 
 
 def checkConfig(path: str) -> int:
-    """Validate a config file without starting anything; print a summary."""
+    """
+    Validate a config file and load the material it names (key stores, the
+    htpasswd file) as start-up does, without starting anything; print a
+    summary.
+    """
     try:
         settings = config.load(path)
+        material.loadMaterial(settings)
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,14 +20,14 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
-from mydataproxy.egress.auth import Htpasswd, ProxyAuthenticator
+from mydataproxy.egress.auth import ProxyAuthenticator
 from mydataproxy.config import Settings
 from mydataproxy.forward.channel import ForwardProxy
 from mydataproxy.tls.listener import TLSListener
 from mydataproxy.ops.logs import AccessLog
 from mydataproxy.egress.resolver import Resolver
-from mydataproxy.tls.contexts import OriginTLS, ServerTLS
 from mydataproxy.upstream.client import UpstreamPool
+from mydataproxy.material import Material, loadMaterial
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -79,25 +79,30 @@ class ListenerService(Service):
 
 
 class ProxyService(MultiService):
-    """The whole daemon for one L{Settings}."""
+    """
+    The whole daemon for one L{Settings} and the L{Material} loaded from
+    them (by L{loadMaterial}: the service loads nothing itself).
+    """
 
-    def __init__(self, settings: Settings, reactor) -> None:
+    def __init__(self, settings: Settings, material: Material, reactor) -> None:
         super().__init__()
         self.settings = settings
         self.reactor = reactor
+        # Material: loaded by mydataproxy.material, held here for SIGHUP.
+        self.material = material
+        self.originTLS = material.originTLS
+        self.serverTLS = material.serverTLS
         self.accessLog = AccessLog(settings.logging.access_log, reactor)
-        self.originTLS = OriginTLS(settings.upstream.tls, settings.upstream.tls_profiles)
         self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS)
         forwardSettings = settings.forward
         self.authenticator = (
-            ProxyAuthenticator(Htpasswd.load(forwardSettings.auth_file), forwardSettings.auth_realm, reactor)
-            if forwardSettings.auth_file
+            ProxyAuthenticator(material.htpasswd, forwardSettings.auth_realm, reactor)
+            if material.htpasswd is not None
             else None
         )
         forward: Factory = ForwardProxy(
             settings, self.pool, Resolver(reactor, settings.resolver), self.accessLog, reactor, self.authenticator
         )
-        self.serverTLS = ServerTLS(forwardSettings.tls) if forwardSettings.tls else None
         self.tlsListener: TLSListener | None = None
         if self.serverTLS is not None:
             forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
@@ -156,8 +161,16 @@ class ProxyService(MultiService):
         self.accessLog.stop()
 
 
-def makeService(settings: Settings, reactor=None) -> ProxyService:
-    """Build the daemon's service tree (nothing listens until it starts)."""
+def makeService(settings: Settings, material: Material | None = None, reactor=None) -> ProxyService:
+    """
+    Build the daemon's service tree (nothing listens until it starts).
+
+    @param material: What L{loadMaterial} loaded from C{settings}; loaded
+        here when not given.
+    @raise ConfigError: If C{material} is not given and cannot be loaded.
+    """
     if reactor is None:
         from twisted.internet import reactor
-    return ProxyService(settings, reactor)
+    if material is None:
+        material = loadMaterial(settings)
+    return ProxyService(settings, material, reactor)

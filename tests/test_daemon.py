@@ -60,6 +60,11 @@ def bad_config_files(directory: Path) -> dict[str, tuple[Path, str]]:
     logs.write_text('[logging]\naccess_log = "no/such/dir/access.log"\n')
     folder = directory / "folder.toml"
     folder.mkdir()
+    # Material: the settings load, the files they name do not.
+    htpasswd = directory / "htpasswd.toml"
+    htpasswd.write_text('[forward]\nlisten = "tcp:9000:interface=127.0.0.1"\nauth_file = "absent.htpasswd"\n')
+    trust = directory / "trust.properties"
+    trust.write_text("server.port=9000\nserver.address=127.0.0.1\nserver.ssl.trust-store=absent.jks\n")
     return {
         "missing": (directory / "absent.toml", "cannot read: [Errno 2] No such file or directory"),
         "directory": (folder, "cannot read: [Errno 21] Is a directory"),
@@ -67,6 +72,8 @@ def bad_config_files(directory: Path) -> dict[str, tuple[Path, str]]:
         "port out of range": (port, "2: forward.listen: port 70000 is out of range (0-65535)"),
         "interface not an IP": (interface, "2: server.address: must be an IP address"),
         "no log directory": (logs, f"2: logging.access_log: the directory {directory / 'no/such/dir'} does not exist"),
+        "no htpasswd file": (htpasswd, f"3: forward.auth_file: {directory / 'absent.htpasswd'}: No such file"),
+        "no trust store": (trust, f"3: server.ssl.trust-store: {directory / 'absent.jks'}: cannot read"),
     }
 
 
@@ -226,7 +233,7 @@ def test_wheel_ships_the_plugin_and_the_command(tmp_path: Path) -> None:
         names = archive.namelist()
         assert "twisted/plugins/mydataproxy_plugin.py" in names
         assert "twisted/plugins/__init__.py" not in names, "would shadow Twisted's own plugins package"
-        assert "mydataproxy/forward.py" in names
+        assert "mydataproxy/forward/channel.py" in names
         entryPoints = next(n for n in names if n.endswith("entry_points.txt"))
         assert "mydataproxy = mydataproxy.cli:main" in archive.read(entryPoints).decode()
         metadata = next(n for n in names if n.endswith("METADATA"))

@@ -6,7 +6,9 @@ of capabilities we do not have yet become L{Settings.notices}; keys asking for
 TLS we cannot provide are errors (refusing to start is safer than serving
 plaintext where TLS is expected); any other key is an error, so that a typo
 never silently falls back to a default.  Values of keys whose name contains
-C{password} never appear in a notice or an error.
+C{password} never appear in a notice or an error.  The stores the keys name
+are read by L{mydataproxy.material}, which names the key of the one that fails
+thanks to L{Settings.locations}.
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def loadProperties(path: Path) -> Settings:
         if problem:
             raise ConfigError(source, "logging.file.name", problem, lines["logging.file.name"])
     upstream = replace(defaults.upstream, **values["upstream"])
-    forward, upstream = _mapTLS(source, path.parent, tls, lines, notices, forward, upstream)
+    forward, upstream, locations = _mapTLS(source, path.parent, tls, lines, notices, forward, upstream)
     if isOpenProxy(forward):
         notices.append(_openProxyNotice(source, forward, lines))
     return replace(
@@ -283,6 +285,7 @@ def loadProperties(path: Path) -> Settings:
         upstream=upstream,
         logging=replace(defaults.logging, **logging),
         notices=tuple(notices),
+        locations=locations,
     )
 
 
@@ -301,9 +304,10 @@ def _mapTLS(
     notices: list[str],
     forward: ForwardSettings,
     upstream: UpstreamSettings,
-) -> tuple[ForwardSettings, UpstreamSettings]:
+) -> tuple[ForwardSettings, UpstreamSettings, tuple[tuple[str, str, int | None], ...]]:
     """
-    The Java product's TLS keys on our model.  Its one key store was both the
+    The Java product's TLS keys on our model, and where they are (see
+    L{Settings.locations}).  Its one key store was both the
     listener's certificate and the client certificate for outbound mutual
     TLS; its trust store both checked clients and verified origins.  Unlike
     it, we keep sending the client certificate with validateCertificate=false.
@@ -382,29 +386,32 @@ def _mapTLS(
             notices.append(f"{source}:{lines[key]}: {key}: {', '.join(dropped)} not offered (too weak)")
         profile = replace(profile, min_version=versions[0], max_version=versions[-1])
     upstream = replace(upstream, tls=profile)
-    _checkTLS(source, forward, upstream, lines)
-    return forward, upstream
+    return forward, upstream, _locations(forward, upstream, lines)
 
 
-def _checkTLS(source: str, forward: ForwardSettings, upstream: UpstreamSettings, lines: dict[str, int]) -> None:
-    """The stores must load now, with the key named that points at the one that fails."""
-    from mydataproxy.tls.contexts import OriginTLS, TLSConfigError, buildServerContext, loadIdentity, loadTrust
-
-    checks = []
-    for ref, key, load in (
-        (upstream.tls.key_store, "server.ssl.key-store", loadIdentity),
-        (upstream.tls.trust_store, "server.ssl.trust-store", loadTrust),
-    ):
-        if ref is not None:
-            checks.append((key, lambda ref=ref, load=load: load(ref)))
+def _locations(
+    forward: ForwardSettings, upstream: UpstreamSettings, lines: dict[str, int]
+) -> tuple[tuple[str, str, int | None], ...]:
+    """
+    The keys that name the material of C{forward} and C{upstream} (see
+    L{Settings.locations}).  Each store has its own entry, so that
+    L{mydataproxy.material} loads it on its own and a failure names the key
+    of the store that failed, not the other one; what fails in building a
+    whole context is the key store's.
+    """
+    found: list[tuple[str, str, int | None]] = []
+    keyStore = ("server.ssl.key-store", lines.get("server.ssl.key-store"))
+    trustStore = ("server.ssl.trust-store", lines.get("server.ssl.trust-store"))
+    if upstream.tls != UpstreamSettings().tls:
+        found.append(("upstream.tls", *keyStore))
+    for prefix, holder in (("upstream.tls", upstream.tls), ("forward.tls", forward.tls)):
+        if holder is not None and holder.key_store is not None:
+            found.append((f"{prefix}.key_store", *keyStore))
+        if holder is not None and holder.trust_store is not None:
+            found.append((f"{prefix}.trust_store", *trustStore))
     if forward.tls is not None:
-        checks.append(("server.ssl.key-store", lambda: buildServerContext(forward.tls)))
-    checks.append(("server.ssl.key-store", lambda: OriginTLS(upstream.tls, upstream.tls_profiles)))
-    for key, check in checks:
-        try:
-            check()
-        except TLSConfigError as e:
-            raise ConfigError(source, key, str(e), lines.get(key)) from None
+        found.append(("forward.tls", *keyStore))
+    return tuple(found)
 
 
 def _checkEndpoint(source: str, description: str, lines: dict[str, int]) -> None:

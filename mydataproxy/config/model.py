@@ -225,6 +225,14 @@ class Settings:
     @ivar notices: Human-readable remarks about the source that the daemon
         logs at start and C{check-config} prints (e.g. legacy keys that are
         not honoured yet).
+    @ivar locations: For the settings that name material (key stores, the
+        htpasswd file) and that the source wrote, C{(setting, key, line)}:
+        the setting in this model's dotted names (C{forward.auth_file},
+        C{forward.tls}, C{forward.tls.key_store}, C{upstream.tls},
+        C{upstream.tls.trust_store}, ...), the key the user wrote for it
+        (C{server.ssl.key-store} in C{application.properties}) and its
+        line.  Filled by the loaders, read by L{mydataproxy.material} to
+        locate what fails to load; see L{locate}.
     """
 
     source: str = "<embedded defaults>"
@@ -235,6 +243,23 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     notices: tuple[str, ...] = ()
+    locations: tuple[tuple[str, str, int | None], ...] = ()
+
+    def locate(self, setting: str) -> tuple[str, int | None]:
+        """
+        The key the user wrote for C{setting} and its line: its own entry in
+        L{locations}, else that of the nearest enclosing setting
+        (C{upstream.tls.profiles[0].key_store} falls back to
+        C{upstream.tls}), else C{setting} itself, with no line.
+        """
+        name = setting
+        while True:
+            for located, key, line in self.locations:
+                if located == name:
+                    return key, line
+            if "." not in name:
+                return setting, None
+            name = name.rpartition(".")[0]
 
 
 LOG_LEVELS = ("critical", "error", "warn", "info", "debug", "trace")

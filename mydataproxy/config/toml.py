@@ -634,7 +634,7 @@ def settingsFromMapping(
             sections[name] = _logging(check, table, base)
         else:
             raise check.error(name, "unknown section")
-    settings = Settings(source=source, **sections)
+    settings = Settings(source=source, locations=_locations(document, check), **sections)
     validate(settings, check)
     if isOpenProxy(settings.forward):
         line = check.lineOf("forward.listen")
@@ -649,32 +649,33 @@ def settingsFromMapping(
 
 
 def validate(settings: Settings, check: _Checker) -> None:
-    """Checks that need more than one key's value, other files, or the reactor."""
-    from mydataproxy.egress.auth import Htpasswd, HtpasswdError
-
+    """
+    Checks that need more than one key's value, or the reactor.  Checks that
+    need material (the htpasswd file, key stores) are
+    L{mydataproxy.material.loadMaterial}'s.
+    """
     try:
         parseListen(settings.forward.listen)
     except ValueError as e:
         raise check.error("forward.listen", str(e)) from None
-    if settings.forward.auth_file:
-        try:
-            Htpasswd.load(settings.forward.auth_file)
-        except (HtpasswdError, OSError) as e:
-            raise check.error("forward.auth_file", str(e)) from None
-    from mydataproxy.tls.contexts import OriginTLS, TLSConfigError, buildServerContext
-
-    if settings.forward.tls is not None:
-        try:
-            buildServerContext(settings.forward.tls)
-        except TLSConfigError as e:
-            raise check.error("forward.tls", str(e)) from None
-    try:
-        OriginTLS(settings.upstream.tls, settings.upstream.tls_profiles)
-    except TLSConfigError as e:
-        raise check.error("upstream.tls", str(e)) from None
     users = {user for rule in settings.egress.rules for user in rule.users}
     if users and not settings.forward.auth_file:
         raise check.error("egress.rules", "rules name users, but forward.auth_file is not set")
+
+
+#: The settings naming material, by the dotted key that names them in TOML
+#: (the same as the setting's name in the model).
+_MATERIAL_KEYS = ("forward.auth_file", "forward.tls", "upstream.tls")
+
+
+def _locations(document: Mapping[str, Any], check: _Checker) -> tuple[tuple[str, str, int | None], ...]:
+    """Where the document names material: see L{Settings.locations}."""
+    found = []
+    for dotted in _MATERIAL_KEYS:
+        section, _, key = dotted.partition(".")
+        if key in document.get(section, {}):
+            found.append((dotted, dotted, check.lineOf(dotted)))
+    return tuple(found)
 
 
 def loadToml(path: Path) -> Settings:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from conftest import require_tool
-from mydataproxy import cli, config
+from mydataproxy import cli, config, material
 from mydataproxy.config import legacy
 from mydataproxy.config import ConfigError, Settings
 from mydataproxy.tls.keystore import resolvePassword
@@ -38,10 +38,15 @@ def write(tmp_path: Path, text: str, name: str = "mydataproxy.toml") -> Path:
     return path
 
 
-def loadError(path: Path, key: str | None, line: int | None, *fragments: str) -> ConfigError:
+def loadMaterial(path: Path) -> material.Material:
+    """Load C{path} and the material it names, as start-up and check-config do."""
+    return material.loadMaterial(config.load(path))
+
+
+def loadError(path: Path, key: str | None, line: int | None, *fragments: str, load=config.load) -> ConfigError:
     """Load C{path}, expecting a ConfigError located at C{key} and C{line}."""
     with pytest.raises(ConfigError) as info:
-        config.load(path)
+        load(path)
     error = info.value
     text = str(error)
     assert (error.source, error.key, error.line) == (str(path), key, line), text
@@ -274,8 +279,8 @@ def otherNotices(settings: Settings) -> tuple[str, ...]:
 
 
 def propsError(tmp_path: Path, text: str, key: str | None, line: int | None,
-               *fragments: str) -> ConfigError:
-    return loadError(write(tmp_path, text, "application.properties"), key, line, *fragments)
+               *fragments: str, load=config.load) -> ConfigError:
+    return loadError(write(tmp_path, text, "application.properties"), key, line, *fragments, load=load)
 
 
 def test_propertiesEverything(tmp_path: Path) -> None:
@@ -530,7 +535,7 @@ def test_passwordsNeverShown(tmp_path: Path) -> None:
         tmp_path,
         f"server.ssl.enabled=true\nserver.ssl.key-store={tmp_path / 'absent.p12'}\n"
         f"server.ssl.key-store-password={SECRET}\nserver.ssl.key-password={SECRET}\n",
-        "server.ssl.key-store", 2, "absent.p12", "cannot read")
+        "server.ssl.key-store", 2, "absent.p12", "cannot read", load=loadMaterial)
     assert SECRET not in str(error)
     # Defence in depth for bad values of any key naming a password.
     assert SECRET not in legacy._shown("some.Password.key", SECRET)
@@ -710,7 +715,7 @@ def test_propertiesTlsKeyPassword(tmp_path: Path, stores: Stores) -> None:
     text = f"server.ssl.enabled=true\nserver.ssl.key-store=file:{stores.jks}\nserver.ssl.key-store-password={SECRET}\n"
     settings = props(tmp_path, text + f"server.ssl.key-password={KEY_SECRET}\n")
     assert secret(settings.forward.tls.key_store.key_password) == KEY_SECRET
-    error = propsError(tmp_path, text, "server.ssl.key-store", 2, str(stores.jks))
+    error = propsError(tmp_path, text, "server.ssl.key-store", 2, str(stores.jks), load=loadMaterial)
     assert SECRET not in str(error) and KEY_SECRET not in str(error)
 
 
@@ -721,7 +726,7 @@ def test_propertiesTlsWrongStorePassword(tmp_path: Path, stores: Stores, passwor
         "server.port=9000\nserver.ssl.enabled=true\n"
         f"server.ssl.key-store=file:{stores.p12}\n"
         f"server.ssl.key-store-password={password}\n",
-        "server.ssl.key-store", line, str(stores.p12), "password",
+        "server.ssl.key-store", line, str(stores.p12), "password", load=loadMaterial,
     )
     assert SECRET not in str(error)
 
@@ -736,7 +741,7 @@ def test_propertiesTlsWrongTrustStorePassword(tmp_path: Path, stores: Stores) ->
         f"server.ssl.trust-store={stores.trustP12}\n"
         f"server.ssl.trust-store-password={SECRET}-wrong\n"
         "server.ssl.client-auth=need\n",
-        "server.ssl.trust-store", 4, str(stores.trustP12), "wrong password",
+        "server.ssl.trust-store", 4, str(stores.trustP12), "wrong password", load=loadMaterial,
     )
     assert SECRET not in str(error) and TRUST_SECRET not in str(error)
 
@@ -860,13 +865,13 @@ def test_propertiesTlsUnreadableStores(tmp_path: Path, stores: Stores) -> None:
     garbage = tmp_path / "garbage.jks"
     garbage.write_bytes(b"\xfe\xed\xfe\xed" + b"\x00" * 7)
     propsError(tmp_path, f"server.ssl.enabled=true\nserver.ssl.key-store={garbage}\n",
-               "server.ssl.key-store", 2, str(garbage))
+               "server.ssl.key-store", 2, str(garbage), load=loadMaterial)
     # A trust store that is read for origins even with the listener in plain text.
     propsError(tmp_path, f"server.port=9000\nserver.ssl.trust-store={tmp_path / 'none.jks'}\n",
-               "server.ssl.trust-store", 2, "none.jks", "cannot read")
+               "server.ssl.trust-store", 2, "none.jks", "cannot read", load=loadMaterial)
     # A key store holding no key.
     propsError(tmp_path, f"server.ssl.enabled=true\nserver.ssl.key-store={stores.trustPem}\n",
-               "server.ssl.key-store", 2, "no private-key entry")
+               "server.ssl.key-store", 2, "no private-key entry", load=loadMaterial)
 
 
 @pytest.mark.parametrize(

@@ -12,14 +12,17 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        from mydataproxy import config
+        from mydataproxy import config, material
 
         try:
-            self["settings"] = config.load(self["config"]) if self["config"] else config.Settings()
+            settings = config.load(self["config"]) if self["config"] else config.Settings()
+            # The stores and the htpasswd file: refused here, in one line, too.
+            self["material"] = material.loadMaterial(settings)
         except config.ConfigError as e:
             # One line that names file, key and problem: a UsageError would
             # have twistd print its whole option summary above it.
             raise SystemExit(f"mydataproxy: {e}") from None
+        self["settings"] = settings
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -31,7 +34,7 @@ class MyDataProxyServiceMaker:
     def makeService(self, options: Options):
         from mydataproxy.service import makeService
 
-        return makeService(options["settings"])
+        return makeService(options["settings"], options["material"])
 
 
 serviceMaker = MyDataProxyServiceMaker()
