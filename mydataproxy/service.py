@@ -25,6 +25,7 @@ from mydataproxy.config import Settings
 from mydataproxy.forward.channel import ForwardProxy
 from mydataproxy.tls.listener import TLSListener
 from mydataproxy.ops.logs import AccessLog
+from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.upstream.client import UpstreamPool
 from mydataproxy.material import Material, loadMaterial
@@ -100,9 +101,9 @@ class ProxyService(MultiService):
             if material.htpasswd is not None
             else None
         )
-        forward: Factory = ForwardProxy(
-            settings, self.pool, Resolver(reactor, settings.resolver), self.accessLog, reactor, self.authenticator
-        )
+        # One admission pipeline, shared by every listener.
+        self.pipeline = RequestPipeline(settings, Resolver(reactor, settings.resolver), self.authenticator, reactor)
+        forward: Factory = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
         self.tlsListener: TLSListener | None = None
         if self.serverTLS is not None:
             forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
