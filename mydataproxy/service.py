@@ -119,7 +119,13 @@ class ProxyService(MultiService):
         @return: fires when this reload is done.
         """
         log.info("SIGHUP: reloading key and trust stores")
-        return self._reloads.run(self._reloadAll)
+        return self._reloads.run(self._reloadAll).addBoth(self._reloaded)
+
+    @staticmethod
+    def _reloaded(result: object) -> object:
+        # Operators and tests learn here that new handshakes use what was read.
+        log.info("SIGHUP: reload of key and trust stores done")
+        return result
 
     def _reloadAll(self) -> Deferred:
         holders = [holder for holder in (self.serverTLS, self.originTLS) if holder is not None]

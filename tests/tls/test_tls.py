@@ -1145,7 +1145,8 @@ def reload_proxy(proxy_factory, material, tmp_path):
 
 def sighup_and_wait(proxy, reloads_before: int) -> None:
     os.kill(proxy.pid, signal.SIGHUP)
-    lines = wait_output(proxy, r"SIGHUP: reloading", count=reloads_before + 1)
+    # The stores are read in a thread: wait until the new material is in.
+    lines = wait_output(proxy, r"SIGHUP: reload of key and trust stores done", count=reloads_before + 1)
     assert len(lines) == reloads_before + 1, output_tail(proxy)
 
 
