@@ -653,9 +653,19 @@ def test_request_line_refusal_has_an_access_line(proxy, raw, status):
 def test_connection_limit_503_has_an_access_line(one_connection, recorder):
     """Item 19."""
     since = len(one_connection.access_lines())
-    with RawConnection(one_connection.port, timeout=PROMPT) as held:
+    # The start-up probe (wait_for_port) holds the one slot until the proxy
+    # has seen it close: until then the held connection is refused too.
+    deadline = time.monotonic() + 2.0
+    while True:
+        held = RawConnection(one_connection.port, timeout=PROMPT)
         held.send(absolute("GET", recorder, "/held"))
-        assert held.read_response().status == 200
+        status = held.read_response().status
+        if status == 200 or time.monotonic() > deadline:
+            break
+        held.close()
+        time.sleep(0.05)
+    with held:
+        assert status == 200
         with RawConnection(one_connection.port, timeout=PROMPT) as refused:
             port = refused.local_port
             assert refused.read_response().status == 503
