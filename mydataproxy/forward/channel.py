@@ -36,7 +36,7 @@ from mydataproxy.config import LimitSettings, Settings
 from mydataproxy.egress.limits import ConnectionCounter, RefusedConnection
 from mydataproxy.forward.request import ForwardRequest, displayURI, logRefusal
 from mydataproxy.forward.tunnel import Tunnel
-from mydataproxy.http.framing import BodyDecoder, HeadRefused, RequestHead, parseRequestHead
+from mydataproxy.http.framing import BodyDecoder, RequestHead, parseRequestHead
 from mydataproxy.http.headers import plainResponse
 from mydataproxy.http.target import Refusal, Target, parseTarget
 from mydataproxy.ops.logs import AccessLog
@@ -148,7 +148,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
     __slots__ = (
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
-        "_processing", "_writesBlocked", "_readClosed", "_peer", "_host", "_certificate",
+        "_processing", "_writesBlocked", "_readClosed", "_peer", "_certificate",
     )
 
     def __init__(self, client: str) -> None:
@@ -169,7 +169,6 @@ class ForwardChannel(Protocol, TimeoutMixin):
         self._writesBlocked = False
         self._readClosed = False
         self._peer = None
-        self._host = None
         self._certificate: str | None = None
 
     @property
@@ -186,11 +185,6 @@ class ForwardChannel(Protocol, TimeoutMixin):
         if self._peer is None:
             self._peer = self.transport.getPeer()
         return self._peer
-
-    def getHost(self):
-        if self._host is None:
-            self._host = self.transport.getHost()
-        return self._host
 
     def clientCertificate(self) -> str:
         """The subject of the client's verified TLS certificate, or ''."""
@@ -341,20 +335,20 @@ class ForwardChannel(Protocol, TimeoutMixin):
             self._scanned = len(buffer)
             # Room for the method and version around the longest URI.
             if len(buffer) > limits.max_uri_bytes + 64 and buffer.find(b"\r\n", 0, limits.max_uri_bytes + 64) < 0:
-                self.refuseHead(HeadRefused(414, "URI too long", "limits.max_uri_bytes"))
+                self.refuseHead(Refusal(414, "URI too long", "limits.max_uri_bytes"))
             elif len(buffer) > limits.max_header_bytes:
-                self.refuseHead(HeadRefused(431, "request header fields too large", "limits.max_header_bytes"))
+                self.refuseHead(Refusal(431, "request header fields too large", "limits.max_header_bytes"))
             elif bareLF:
-                self.refuseHead(HeadRefused(400, "bad request: bare LF in request head"))
+                self.refuseHead(Refusal(400, "bad request: bare LF in request head"))
             return False
         if end + 4 > limits.max_header_bytes:
-            self.refuseHead(HeadRefused(431, "request header fields too large", "limits.max_header_bytes"))
+            self.refuseHead(Refusal(431, "request header fields too large", "limits.max_header_bytes"))
             return False
         self._scanned = 0
         self._cancelHeadDeadline()
         try:
             head = parseRequestHead(buffer[:end], limits.max_uri_bytes, limits.max_headers)
-        except HeadRefused as refusal:
+        except Refusal as refusal:
             self.refuseHead(refusal, buffer[: min(end, 200)].split(b"\r\n", 1)[0])
             return False
         self._buffer = buffer[end + 4 :]
@@ -378,7 +372,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
         request, decoder = self._request, self._decoder
         try:
             pieces, used = decoder.feed(self._buffer)
-        except HeadRefused as refusal:
+        except Refusal as refusal:
             self._buffer = b""
             request.bodyRefused(refusal)
             return True
@@ -464,7 +458,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
 
     # Refusals of a head.
 
-    def refuseHead(self, refusal: HeadRefused, requestLine: bytes = b"") -> None:
+    def refuseHead(self, refusal: Refusal, requestLine: bytes = b"") -> None:
         """Answer a request head we won't read on, log it, and close."""
         log.info(
             "{status} from {client}: {reason}{rule}",
@@ -499,7 +493,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
     def _headTimedOut(self) -> None:
         self._headDeadline = None
         self.refuseHead(
-            HeadRefused(
+            Refusal(
                 408,
                 f"request head not complete within {self.limits.header_timeout:g} s",
                 "limits.header_timeout",

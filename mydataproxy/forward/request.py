@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mydataproxy.config import LimitSettings, Settings
 from mydataproxy.http import headers as rules
-from mydataproxy.http.framing import HeadRefused, RequestHead
+from mydataproxy.http.framing import RequestHead
 from mydataproxy.http.target import Destination, Refusal, Target, parseTarget
 from mydataproxy.ops.logs import AccessLog
 from mydataproxy.pipeline import RequestPipeline
@@ -291,9 +291,9 @@ class ForwardRequest:
         if self._exchange is not None:
             self._exchange.finishBody()
 
-    def bodyRefused(self, refusal: HeadRefused) -> None:
+    def bodyRefused(self, refusal: Refusal) -> None:
         """The body broke a framing rule or the body limit: answer and close."""
-        logRefusal(Refusal(refusal.status, refusal.reason, refusal.rule), self.head, self.clientIP)
+        logRefusal(refusal, self.head, self.clientIP)
         self.channel.closeAfterResponse()
         if self._exchange is not None:
             exchange, self._exchange = self._exchange, None

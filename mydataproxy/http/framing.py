@@ -11,6 +11,8 @@ reason and the setting that decided it, and nothing ambiguous passes.
 
 from __future__ import annotations
 
+from mydataproxy.http.target import Refusal
+
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Control bytes other than HTAB: includes NUL, a bare CR and a bare LF.
 _CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
@@ -21,19 +23,6 @@ MAX_CHUNK_SIZE_DIGITS = 16
 # A chunk-size line with its extensions (Twisted and nginx allow about as much).
 MAX_CHUNK_LINE = 1024
 MAX_TRAILER_BYTES = 16384
-
-
-class HeadRefused(Exception):
-    """
-    A request the proxy will not read on: answer C{status} with C{reason}
-    and close.  C{rule} names the setting that decided it ('' if none).
-    """
-
-    def __init__(self, status: int, reason: str, rule: str = "") -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.rule = rule
 
 
 def requestLineProblem(line: bytes) -> str | None:
@@ -121,36 +110,36 @@ def parseRequestHead(
     Parse a request head: the request line and field lines separated by
     CRLF, without the blank line that ends it.
 
-    @raise HeadRefused: 400, 414 or 431 with the reason.
+    @raise Refusal: 400, 414 or 431 with the reason.
     """
     lines = head.split(b"\r\n")
     requestLine = lines[0]
     parts = requestLine.split(b" ")
     if len(parts) == 3 and len(parts[1]) > maxURI:
-        raise HeadRefused(414, "URI too long", "limits.max_uri_bytes")
+        raise Refusal(414, "URI too long", "limits.max_uri_bytes")
     problem = requestLineProblem(requestLine)
     if problem:
-        raise HeadRefused(400, f"bad request: {problem}")
+        raise Refusal(400, f"bad request: {problem}")
     method, target, version = parts
     if len(lines) - 1 > maxHeaders:
-        raise HeadRefused(431, "too many request header fields", "limits.max_headers")
+        raise Refusal(431, "too many request header fields", "limits.max_headers")
     fields: list[tuple[bytes, bytes]] = []
     byName: dict[bytes, list[bytes]] = {}
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
-            raise HeadRefused(400, "bad request: obsolete line folding in header")
+            raise Refusal(400, "bad request: obsolete line folding in header")
         problem = headerProblem(line)
         if problem:
-            raise HeadRefused(400, f"bad request: {problem}")
+            raise Refusal(400, f"bad request: {problem}")
         name, _, value = line.partition(b":")
         value = value.strip(b" \t")
         fields.append((name, value))
         byName.setdefault(name.lower(), []).append(value)
     if len(byName.get(b"host", ())) > 1:
-        raise HeadRefused(400, "bad request: more than one Host field")
+        raise Refusal(400, "bad request: more than one Host field")
     contentLength, chunked = _bodyFraming(version, byName)
     if method == b"CONNECT" and (chunked or contentLength):
-        raise HeadRefused(400, "bad request: CONNECT with a body")
+        raise Refusal(400, "bad request: CONNECT with a body")
     return RequestHead(method, target, version, fields, byName, contentLength, chunked)
 
 
@@ -163,18 +152,18 @@ def _bodyFraming(version: bytes, byName: dict[bytes, list[bytes]]) -> tuple[int 
     codings = byName.get(b"transfer-encoding")
     if codings:
         if version != b"HTTP/1.1":
-            raise HeadRefused(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
+            raise Refusal(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
         if len(codings) > 1:
-            raise HeadRefused(400, "bad request: repeated Transfer-Encoding")
+            raise Refusal(400, "bad request: repeated Transfer-Encoding")
         if codings[0].lower() != b"chunked":
-            raise HeadRefused(400, "bad request: unsupported transfer-coding")
+            raise Refusal(400, "bad request: unsupported transfer-coding")
     if lengths:
         if len(lengths) > 1:
-            raise HeadRefused(400, "bad request: repeated Content-Length")
+            raise Refusal(400, "bad request: repeated Content-Length")
         if not lengths[0].isdigit() or not lengths[0].isascii():
-            raise HeadRefused(400, "bad request: invalid Content-Length")
+            raise Refusal(400, "bad request: invalid Content-Length")
     if lengths and codings:
-        raise HeadRefused(400, "bad request: both Content-Length and Transfer-Encoding")
+        raise Refusal(400, "bad request: both Content-Length and Transfer-Encoding")
     if codings:
         return None, True
     return (int(lengths[0]) if lengths else None), False
@@ -209,7 +198,7 @@ class BodyDecoder:
         Decode from C{data[start:]}.
 
         @return: (body pieces, index in C{data} just past what was used).
-        @raise HeadRefused: 400 for malformed chunked framing, 413 past the
+        @raise Refusal: 400 for malformed chunked framing, 413 past the
             limit.
         """
         if not self._chunked:
@@ -234,17 +223,17 @@ class BodyDecoder:
             elif state == self._DATA_END:
                 if size - position < 2:
                     if data[position:] != b"\r":
-                        raise HeadRefused(400, "bad request: chunk not followed by CRLF")
+                        raise Refusal(400, "bad request: chunk not followed by CRLF")
                     break
                 if data[position : position + 2] != b"\r\n":
-                    raise HeadRefused(400, "bad request: chunk not followed by CRLF")
+                    raise Refusal(400, "bad request: chunk not followed by CRLF")
                 position += 2
                 self._state = self._SIZE
             else:
                 end = data.find(b"\r\n", position)
                 if end < 0:
                     if size - position > MAX_CHUNK_LINE:
-                        raise HeadRefused(400, "bad request: chunk line too long")
+                        raise Refusal(400, "bad request: chunk line too long")
                     break
                 line = data[position:end]
                 position = end + 2
@@ -256,12 +245,12 @@ class BodyDecoder:
 
     def _chunkSize(self, line: bytes) -> None:
         if len(line) > MAX_CHUNK_LINE or line.translate(None, _CTL) != line:
-            raise HeadRefused(400, "bad request: malformed chunk size line")
+            raise Refusal(400, "bad request: malformed chunk size line")
         digits = line.split(b";", 1)[0].rstrip(b" \t")
         if not digits or not _HEX.issuperset(digits):
-            raise HeadRefused(400, "bad request: invalid chunk size")
+            raise Refusal(400, "bad request: invalid chunk size")
         if len(digits) > MAX_CHUNK_SIZE_DIGITS:
-            raise HeadRefused(400, "bad request: chunk size too large")
+            raise Refusal(400, "bad request: chunk size too large")
         self._remaining = int(digits, 16)
         self._count(self._remaining)
         self._state = self._DATA if self._remaining else self._TRAILER
@@ -272,13 +261,13 @@ class BodyDecoder:
             return
         self._trailerBytes += len(line) + 2
         if self._trailerBytes > MAX_TRAILER_BYTES:
-            raise HeadRefused(431, "request trailer fields too large")
+            raise Refusal(431, "request trailer fields too large")
         if headerProblem(line):
-            raise HeadRefused(400, "bad request: malformed trailer field")
+            raise Refusal(400, "bad request: malformed trailer field")
 
     def _count(self, size: int) -> None:
         # A chunk is counted when announced, so an oversized one is refused
         # before its bytes are read.
         self.received += size
         if self._limit and self.received > self._limit:
-            raise HeadRefused(413, "request body too large", "limits.max_body_bytes")
+            raise Refusal(413, "request body too large", "limits.max_body_bytes")

@@ -14,7 +14,7 @@ from datetime import timedelta
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mydataproxy.http.framing import VERSIONS, BodyDecoder, HeadRefused, headerProblem, parseRequestHead, requestLineProblem
+from mydataproxy.http.framing import VERSIONS, BodyDecoder, headerProblem, parseRequestHead, requestLineProblem
 from mydataproxy.http.hosts import normaliseHost
 from mydataproxy.egress.policy import guardedRange
 from mydataproxy.http.target import Mode, Refusal, Target, parseTarget
@@ -135,7 +135,7 @@ def test_requestHeadNeverAcceptsAmbiguousFraming(version: bytes, fields) -> None
     raw = b"\r\n".join([b"POST / " + version] + [name + b": " + value for name, value in fields])
     try:
         head = parseRequestHead(raw, 8192, 100)
-    except HeadRefused as refusal:
+    except Refusal as refusal:
         assert refusal.status in (400, 414, 431) and refusal.reason
         return
     lengths = [v.strip(b" \t") for n, v in fields if n.lower() == b"content-length"]
@@ -189,7 +189,7 @@ def test_chunkedDecoderRefusesOrDecodesGarbage(data: bytes) -> None:
     decoder = BodyDecoder(None, True, 1000)
     try:
         pieces, used = decoder.feed(data)
-    except HeadRefused as refusal:
+    except Refusal as refusal:
         assert refusal.status in (400, 413, 431)
         return
     assert 0 <= used <= len(data)
@@ -202,7 +202,7 @@ def test_chunkSizesOfMoreThan16DigitsAreRefused(digits: int, digit: bytes) -> No
     decoder = BodyDecoder(None, True, 0)
     try:
         decoder.feed(digit * digits + b"\r\nx")
-    except HeadRefused as refusal:
+    except Refusal as refusal:
         assert refusal.status == 400
     else:
         raise AssertionError("an over-long chunk size was accepted")
