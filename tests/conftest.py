@@ -495,7 +495,10 @@ class ProxyProcess:
         self.config_path = workdir / "mydataproxy.toml"
         self.config_path.write_text(to_toml(config))
         self.access_log = Path(config["logging"]["access_log"])
-        self.port = int(config["forward"]["listen"].split(":")[1])
+        forward = config.get("forward", {})
+        self.port = int(forward["listen"].split(":")[1]) if forward.get("enabled", True) else None
+        reverse = config.get("reverse")
+        self.reverse_port = int(reverse.get("listen", "tcp:8080").split(":")[1]) if reverse else None
         self.output_path = workdir / "twistd.out"
         env = dict(os.environ)
         for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
@@ -507,16 +510,21 @@ class ProxyProcess:
         self.proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=self._output,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
-        if not wait_for_port(self.port, 10.0, self.proc):
-            self.stop()
-            raise RuntimeError(
-                f"proxy did not accept connections on {self.port} within 10 s "
-                f"(exit code {self.proc.returncode}); output:\n{self.output()}"
-            )
+        for port in (self.port, self.reverse_port):
+            if port is not None and not wait_for_port(port, 10.0, self.proc):
+                self.stop()
+                raise RuntimeError(
+                    f"proxy did not accept connections on {port} within 10 s "
+                    f"(exit code {self.proc.returncode}); output:\n{self.output()}"
+                )
 
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def reverse_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.reverse_port}"
 
     def output(self) -> str:
         try:
