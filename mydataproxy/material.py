@@ -29,6 +29,7 @@ class Material:
 
     @ivar serverTLS: The forward listener's TLS holder, or L{None} for a
         plain-text listener.
+    @ivar reverseTLS: The reverse listener's, likewise.
     @ivar originTLS: How to speak TLS to origins (always built: the default
         profile verifies against the system trust store).
     @ivar htpasswd: The users of C{forward.auth_file}, or L{None} without
@@ -38,6 +39,7 @@ class Material:
     serverTLS: ServerTLS | None
     originTLS: OriginTLS
     htpasswd: Htpasswd | None
+    reverseTLS: ServerTLS | None = None
 
 
 def _located(
@@ -53,13 +55,15 @@ def _located(
 
 def _stores(settings: Settings) -> list[tuple[str, StoreRef | None, Callable[[StoreRef], object]]]:
     """Every store the settings name, with its setting and how it is read."""
-    forward, upstream = settings.forward.tls, settings.upstream.tls
+    upstream = settings.upstream.tls
     stores: list[tuple[str, StoreRef | None, Callable[[StoreRef], object]]] = [
         ("upstream.tls.key_store", upstream.key_store, loadIdentity),
         ("upstream.tls.trust_store", upstream.trust_store, loadTrust),
-        ("forward.tls.key_store", forward.key_store if forward else None, loadIdentity),
-        ("forward.tls.trust_store", forward.trust_store if forward else None, loadTrust),
     ]
+    reverse = settings.reverse.tls if settings.reverse is not None else None
+    for section, listener in (("forward", settings.forward.tls), ("reverse", reverse)):
+        stores += [(f"{section}.tls.key_store", listener.key_store if listener else None, loadIdentity),
+                   (f"{section}.tls.trust_store", listener.trust_store if listener else None, loadTrust)]
     for index, profile in enumerate(settings.upstream.tls_profiles):
         prefix = f"upstream.tls.profiles[{index}]"
         stores += [(f"{prefix}.key_store", profile.key_store, loadIdentity),
@@ -93,5 +97,9 @@ def loadMaterial(settings: Settings) -> Material:
     serverTLS = None
     if forward.tls is not None:
         serverTLS = _located(settings, "forward.tls", lambda: ServerTLS(forward.tls))
+    reverseTLS = None
+    if settings.reverse is not None and settings.reverse.tls is not None:
+        tls = settings.reverse.tls
+        reverseTLS = _located(settings, "reverse.tls", lambda: ServerTLS(tls, "reverse.tls"))
     originTLS = _located(settings, "upstream.tls", lambda: OriginTLS(upstream.tls, upstream.tls_profiles))
-    return Material(serverTLS, originTLS, htpasswd)
+    return Material(serverTLS, originTLS, htpasswd, reverseTLS)

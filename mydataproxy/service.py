@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from mydataproxy.egress.auth import ProxyAuthenticator
 from mydataproxy.config import Settings
-from mydataproxy.forward.channel import ForwardProxy
+from mydataproxy.forward.listener import ForwardProxy
 from mydataproxy.tls.listener import TLSListener
 from mydataproxy.ops.logs import AccessLog
 from mydataproxy.pipeline import RequestPipeline

@@ -23,7 +23,8 @@ LAYERS = (
     ("mydataproxy.ops",),
     ("mydataproxy.material",),
     ("mydataproxy.pipeline",),
-    ("mydataproxy.forward",),
+    ("mydataproxy.server",),
+    ("mydataproxy.forward", "mydataproxy.reverse"),
     ("mydataproxy.service", "mydataproxy.cli"),
 )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from mydataproxy.config.legacy import loadProperties
 from mydataproxy.config.model import (
     ACTIONS,
+    BALANCE,
     CLIENT_AUTH,
     ConfigError,
     DEFAULT_HTTP_PORTS,
@@ -30,6 +31,9 @@ from mydataproxy.config.model import (
     PRESETS,
     PROXY_WRITTEN_FIELDS,
     ResolverSettings,
+    ReverseSettings,
+    RouteBackend,
+    RouteSettings,
     STDOUT,
     ServerTLSSettings,
     Settings,

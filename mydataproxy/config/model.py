@@ -115,6 +115,7 @@ class ForwardSettings:
         proxy writes itself.
     """
 
+    enabled: bool = True
     listen: str = "tcp:9000:interface=127.0.0.1"
     client_allow: tuple[IPNetwork, ...] = ()
     connect_ports: frozenset[int] = frozenset({443})
@@ -125,6 +126,80 @@ class ForwardSettings:
     auth_file: str = ""
     auth_realm: str = "MyData Proxy"
     tls: ServerTLSSettings | None = None
+
+
+BALANCE = ("round_robin", "least_connections")
+
+
+@dataclass(frozen=True)
+class RouteBackend:
+    """
+    One backend of a reverse route, from its URL.
+
+    @ivar path: The base path the route's prefix is replaced with (raw
+        bytes, as configured).
+    """
+
+    scheme: str
+    host: str
+    port: int
+    path: bytes
+
+    @property
+    def url(self) -> str:
+        """The backend as configured, for logs."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path.decode('ascii')}"
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """
+    One C{[[reverse.routes]]} entry: requests whose path starts with
+    C{prefix} (at a segment boundary), on one of C{hosts} if given, go to
+    one of C{backends} with the prefix replaced by the backend's base path.
+
+    Timeouts and the body limit default to C{upstream.*} and C{limits.*}.
+    C{max_concurrent} (0: no cap) bounds the requests in flight; past it up
+    to C{queue_size} wait, in arrival order, at most C{queue_timeout}
+    seconds each.
+    """
+
+    name: str
+    prefix: bytes
+    backends: tuple[RouteBackend, ...]
+    hosts: tuple[str, ...] = ()
+    balance: str = "round_robin"
+    preserve_host: bool = False
+    websocket: bool = True
+    connect_timeout: float = 60.0
+    read_timeout: float = 60.0
+    max_body_bytes: int = 0
+    max_concurrent: int = 0
+    queue_size: int = 100
+    queue_timeout: float = 10.0
+    health_check: bytes = b""
+    health_interval: float = 10.0
+    eject_seconds: float = 10.0
+    cookie_domain: bytes = b""
+
+
+@dataclass(frozen=True)
+class ReverseSettings:
+    """
+    The reverse listener: traffic an Apache httpd in front hands in, routed
+    to internal backends.
+
+    @ivar trusted_proxies: Peers (the front) whose C{X-Forwarded-*} and
+        C{Forwarded} fields are believed.
+    """
+
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    client_allow: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    client_idle_timeout: float = 60.0
+    tls: ServerTLSSettings | None = None
+    routes: tuple[RouteSettings, ...] = ()
 
 
 MODES = ("absolute", "header", "connect")
@@ -237,6 +312,7 @@ class Settings:
 
     source: str = "<embedded defaults>"
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    reverse: ReverseSettings | None = None
     egress: EgressSettings = field(default_factory=EgressSettings)
     resolver: ResolverSettings = field(default_factory=ResolverSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)

@@ -21,8 +21,10 @@ from twisted.internet.testing import MemoryReactor
 from twisted.python.failure import Failure
 
 from mydataproxy.http.hosts import normaliseHost
+from mydataproxy.http.target import PATH, Refusal, parseURL
 from mydataproxy.config.model import (
     ACTIONS,
+    BALANCE,
     CLIENT_AUTH,
     ConfigError,
     EgressRule,
@@ -37,6 +39,9 @@ from mydataproxy.config.model import (
     PRESETS,
     PROXY_WRITTEN_FIELDS,
     ResolverSettings,
+    ReverseSettings,
+    RouteBackend,
+    RouteSettings,
     STDOUT,
     ServerTLSSettings,
     Settings,
@@ -161,6 +166,11 @@ class _Checker:
             hosts.append("*." + name if wildcard else name)
         return tuple(hosts)
 
+    def boolean(self, dotted: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(dotted, f"must be true or false, not {value!r}")
+        return value
+
     def choice(self, dotted: str, value: Any, choices: tuple[str, ...]) -> str:
         if value not in choices:
             raise self.error(dotted, f"must be one of {', '.join(choices)}, not {value!r}")
@@ -235,7 +245,9 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
     values: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"forward.{key}"
-        if key == "listen":
+        if key == "enabled":
+            values[key] = check.boolean(dotted, value)
+        elif key == "listen":
             values[key] = check.string(dotted, value)
         elif key in ("client_allow", "trusted_proxies"):
             values[key] = check.networks(dotted, value)
@@ -256,7 +268,7 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
         elif key == "auth_file":
             values[key] = resolvePath(check.string(dotted, value), base)
         elif key == "tls":
-            values[key] = _serverTLS(check, value, base)
+            values[key] = _serverTLS(check, "forward.tls", value, base)
         elif key == "auth_realm":
             realm = check.string(dotted, value)
             if not realm.isprintable():
@@ -265,6 +277,127 @@ def _forward(check: _Checker, table: Mapping[str, Any], base: Path) -> ForwardSe
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def _reverse(check: _Checker, table: Mapping[str, Any], base: Path, upstream: UpstreamSettings, limits: LimitSettings) -> ReverseSettings:
+    defaults = ReverseSettings()
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"reverse.{key}"
+        if key == "listen":
+            values[key] = check.string(dotted, value)
+        elif key in ("client_allow", "trusted_proxies"):
+            values[key] = check.networks(dotted, value)
+        elif key == "client_idle_timeout":
+            values[key] = check.number(dotted, value, 0.001, integer=False)
+        elif key == "tls":
+            values[key] = _serverTLS(check, "reverse.tls", value, base)
+        elif key == "routes":
+            if not isinstance(value, list):
+                raise check.error(dotted, "must be an array of tables ([[reverse.routes]])")
+            values[key] = tuple(_route(check, i, route, upstream, limits) for i, route in enumerate(value))
+        else:
+            raise check.error(dotted, "unknown key")
+    routes = values.get("routes", ())
+    if not routes:
+        raise check.error("reverse.routes", "the reverse listener needs at least one [[reverse.routes]] entry")
+    seen: dict[tuple[bytes, tuple[str, ...]], int] = {}
+    for index, route in enumerate(routes):
+        key = (route.prefix, tuple(sorted(route.hosts)))
+        if key in seen:
+            raise check.error(
+                f"reverse.routes[{index}].prefix",
+                f"{route.prefix.decode()!r} is already routed by reverse.routes[{seen[key]}] for the same hosts",
+            )
+        seen[key] = index
+    return replace(defaults, **values)
+
+
+def _backend(check: _Checker, dotted: str, url: Any, prefix: bytes) -> RouteBackend:
+    text = check.string(dotted, url)
+    try:
+        destination, path = parseURL(text.encode("ascii"))
+    except (Refusal, UnicodeEncodeError) as e:
+        raise check.error(dotted, f"{text!r} is not an http:// or https:// URL ({e})") from None
+    if b"?" in path or PATH.fullmatch(path) is None:
+        raise check.error(dotted, f"{text!r}: the base path may hold only RFC 3986 path characters, no query")
+    if not path:
+        path = b"/" if prefix.endswith(b"/") else b""
+    elif path.endswith(b"/") != prefix.endswith(b"/"):
+        # ProxyPass's own rule: otherwise the joined path loses or doubles a slash.
+        raise check.error(dotted, f"{text!r}: end the base path with '/' exactly when the prefix does")
+    if "@" in text.partition("://")[2].partition("/")[0]:
+        raise check.error(dotted, f"{text!r}: credentials in a backend URL are not supported")
+    return RouteBackend(destination.scheme, destination.host, destination.port, path)
+
+
+_ROUTE_NUMBERS = {
+    # key: (minimum, integer)
+    "connect_timeout": (0.001, False),
+    "read_timeout": (0.001, False),
+    "max_body_bytes": (0, True),
+    "max_concurrent": (0, True),
+    "queue_size": (0, True),
+    "queue_timeout": (0.001, False),
+    "health_interval": (0.1, False),
+    "eject_seconds": (0.1, False),
+}
+
+
+def _route(check: _Checker, index: int, table: Any, upstream: UpstreamSettings, limits: LimitSettings) -> RouteSettings:
+    prefix_ = f"reverse.routes[{index}]"
+    if not isinstance(table, dict):
+        raise check.error(prefix_, "must be a table")
+    values: dict[str, Any] = {
+        "connect_timeout": upstream.connect_timeout,
+        "read_timeout": upstream.read_timeout,
+        "max_body_bytes": limits.max_body_bytes,
+    }
+    if "prefix" not in table:
+        raise check.error(prefix_, "needs prefix (the public path, e.g. \"/api/\")")
+    prefix = check.string(f"{prefix_}.prefix", table["prefix"])
+    if not prefix.startswith("/") or not prefix.isascii() or PATH.fullmatch(prefix.encode()) is None:
+        raise check.error(f"{prefix_}.prefix", f"{prefix!r} must be a path starting with '/'")
+    if "//" in prefix or any(segment in (".", "..") for segment in prefix.split("/")):
+        raise check.error(f"{prefix_}.prefix", f"{prefix!r} must not hold '//' or dot segments")
+    values["prefix"] = prefix.encode("ascii")
+    values["name"] = prefix
+    if "backends" not in table:
+        raise check.error(prefix_, "needs backends (one or more http:// or https:// URLs)")
+    for key, value in table.items():
+        dotted = f"{prefix_}.{key}"
+        if key == "prefix":
+            continue
+        if key == "backends":
+            urls = check.stringList(dotted, value)
+            if not urls:
+                raise check.error(dotted, "needs at least one backend URL")
+            values[key] = tuple(_backend(check, dotted, url, values["prefix"]) for url in urls)
+        elif key == "name":
+            values[key] = check.string(dotted, value)
+        elif key == "hosts":
+            values[key] = check.hostPatterns(dotted, value)
+        elif key == "balance":
+            values[key] = check.choice(dotted, value, BALANCE)
+        elif key in ("preserve_host", "websocket"):
+            values[key] = check.boolean(dotted, value)
+        elif key in _ROUTE_NUMBERS:
+            minimum, integer = _ROUTE_NUMBERS[key]
+            values[key] = check.number(dotted, value, minimum, integer)
+        elif key == "health_check":
+            path = check.string(dotted, value) if value != "" else ""
+            if path and (not path.startswith("/") or not path.isascii() or " " in path):
+                raise check.error(dotted, f"{path!r} must be a path starting with '/'")
+            values[key] = path.encode("ascii")
+        elif key == "cookie_domain":
+            domain = value if value == "" else check.string(dotted, value)
+            try:
+                values[key] = normaliseHost(domain.lstrip(".")).encode("ascii") if domain else b""
+            except ValueError as e:
+                raise check.error(dotted, f"{domain!r}: {e}") from None
+        else:
+            raise check.error(dotted, "unknown key")
+    return RouteSettings(**values)
 
 
 def _store(check: _Checker, prefix: str, table: Mapping[str, Any], kind: str, base: Path) -> StoreRef | None:
@@ -291,10 +424,9 @@ _STORE_KEYS = {
 }
 
 
-def _serverTLS(check: _Checker, table: Any, base: Path) -> ServerTLSSettings:
-    prefix = "forward.tls"
+def _serverTLS(check: _Checker, prefix: str, table: Any, base: Path) -> ServerTLSSettings:
     if not isinstance(table, dict):
-        raise check.error(prefix, "must be a table ([forward.tls])")
+        raise check.error(prefix, f"must be a table ([{prefix}])")
     values: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"{prefix}.{key}"
@@ -632,11 +764,20 @@ def settingsFromMapping(
             sections[name] = _upstream(check, table, base)
         elif name == "logging":
             sections[name] = _logging(check, table, base)
-        else:
+        elif name != "reverse":
             raise check.error(name, "unknown section")
+    if "reverse" in document:
+        # Routes take their defaults from [upstream] and [limits].
+        sections["reverse"] = _reverse(
+            check,
+            document["reverse"],
+            base,
+            sections.get("upstream", UpstreamSettings()),
+            sections.get("limits", LimitSettings()),
+        )
     settings = Settings(source=source, locations=_locations(document, check), **sections)
     validate(settings, check)
-    if isOpenProxy(settings.forward):
+    if settings.forward.enabled and isOpenProxy(settings.forward):
         line = check.lineOf("forward.listen")
         where = f"{source}:{line}" if line is not None else source
         notice = (
@@ -658,6 +799,13 @@ def validate(settings: Settings, check: _Checker) -> None:
         parseListen(settings.forward.listen)
     except ValueError as e:
         raise check.error("forward.listen", str(e)) from None
+    if settings.reverse is not None:
+        try:
+            parseListen(settings.reverse.listen)
+        except ValueError as e:
+            raise check.error("reverse.listen", str(e)) from None
+    elif not settings.forward.enabled:
+        raise check.error("forward.enabled", "is false and there is no [reverse] section: nothing to serve")
     users = {user for rule in settings.egress.rules for user in rule.users}
     if users and not settings.forward.auth_file:
         raise check.error("egress.rules", "rules name users, but forward.auth_file is not set")
@@ -665,7 +813,7 @@ def validate(settings: Settings, check: _Checker) -> None:
 
 #: The settings naming material, by the dotted key that names them in TOML
 #: (the same as the setting's name in the model).
-_MATERIAL_KEYS = ("forward.auth_file", "forward.tls", "upstream.tls")
+_MATERIAL_KEYS = ("forward.auth_file", "forward.tls", "reverse.tls", "upstream.tls")
 
 
 def _locations(document: Mapping[str, Any], check: _Checker) -> tuple[tuple[str, str, int | None], ...]:

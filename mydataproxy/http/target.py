@@ -48,7 +48,7 @@ MISSING_TARGET_HOST = "you have to include x-target-host header"
 
 # RFC 3986 3.3: a path is pchar and "/"; pchar is unreserved, pct-encoded,
 # sub-delims, ":" and "@".  Nothing else may reach an origin's request line.
-_PATH = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
+PATH = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/]|%[0-9A-Fa-f]{2})*")
 
 
 class Mode(enum.Enum):
@@ -183,7 +183,7 @@ def parseTarget(method: bytes, uri: bytes, targetHosts: list[bytes] | None) -> T
         destination, base = parseURL(targetHosts[0].strip())
         if b"?" in base or b"#" in base:
             raise Refusal(400, "x-target-host must not carry a query or fragment")
-        if _PATH.fullmatch(base) is None:
+        if PATH.fullmatch(base) is None:
             raise Refusal(400, "x-target-host base path has characters a path may not carry")
         if base.endswith(b"/"):
             base = base[:-1]

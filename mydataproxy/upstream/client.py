@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol as TypingProtocol
 
 import txaio

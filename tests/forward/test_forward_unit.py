@@ -1,5 +1,5 @@
 """
-Unit tests of the forward listener (L{mydataproxy.forward.channel}) and its policy
+Unit tests of the forward listener (L{mydataproxy.forward.listener}) and its policy
 (L{mydataproxy.egress.policy}): pure validators, and a L{ForwardChannel} driven
 over an in-memory L{StringTransport} (no sockets, no reactor running).
 """
@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, Settings, UpstreamSettings
-from mydataproxy.forward.channel import CLOSE_SECONDS, LINGER_BYTES, LINGER_SECONDS, ForwardProxy
+from mydataproxy.forward.listener import ForwardProxy
+from mydataproxy.server.channel import CLOSE_SECONDS, LINGER_BYTES, LINGER_SECONDS
 from mydataproxy.http.framing import headerProblem, requestLineProblem
 from mydataproxy.egress.policy import ClientAccess, connectAllowed
 from mydataproxy.http.target import MISSING_TARGET_HOST
@@ -219,7 +220,7 @@ def test_defaultConnectPortsIs443Only() -> None:
 
 
 # ---------------------------------------------------------------------------
-# ForwardChannel over an in-memory transport
+# ProxyChannel over an in-memory transport
 # ---------------------------------------------------------------------------
 
 
@@ -244,7 +245,7 @@ def settingsWith(**forward) -> Settings:
 
 
 class Client:
-    """One client connection to a L{ForwardChannel}, all in memory."""
+    """One client connection to a L{ProxyChannel}, all in memory."""
 
     def __init__(self, settings: Settings | None = None, peer=None) -> None:
         self.reactor = MemoryReactorClock()

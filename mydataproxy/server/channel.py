@@ -1,28 +1,29 @@
 """
-The forward-proxy listener: a channel that parses requests itself and relays
-each to its origin as it streams in; CONNECT requests become tunnels.
+The client side of a listener: a channel that parses requests itself and
+hands each to its request as it streams in; a CONNECT (on a listener that
+takes it) or an accepted Upgrade turns the connection into a tunnel.
 
 Why not C{twisted.web.http.HTTPChannel}: a proxy must start the upstream
 exchange as soon as the head is complete, and HTTPChannel hands a request
 over only once its body has arrived; the hooks that let us get in earlier
 are not a public API, its parser works line by line, forgets how header
 names were spelled, and has neither a bound on chunk sizes nor a way to
-stop reading a body it refused.  L{ForwardChannel} owns the connection:
+stop reading a body it refused.  L{ProxyChannel} owns the connection:
 heads are parsed in one pass (L{mydataproxy.http.framing}), one request is
 handled at a time (pipelined ones wait in the buffer), and a response that
 ends before its request body did is followed by a bounded linger, then the
-connection closes.  Each request is a L{ForwardRequest}
-(L{mydataproxy.forward.request}); a CONNECT becomes a L{Tunnel}.
+connection closes.  What a request or a tunnel becomes is the listener's
+business (L{ProxyListener.newRequest}, L{ProxyListener.newTunnel}): the
+forward proxy's L{mydataproxy.forward}, the reverse proxy's
+L{mydataproxy.reverse}.
 
-A request passes, in order: the limits on its head (414, 431, 408) and its
-framing (400), here; the client allow-list (403) and the rate limit (429),
-asked of the pipeline; target parsing (400, 403); the port lists (403); the
-body limit (413); then proxy authentication (407), name resolution (502,
-504) and the egress policy on the resolved addresses (403), all asked of the
-listener's L{RequestPipeline}.
+The limits on a head (414, 431, 408) and its framing (400) are checked
+here, before any request exists.
 """
 
 from __future__ import annotations
+
+import typing
 
 import txaio
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITCPTransport
@@ -34,13 +35,12 @@ from zope.interface import implementer
 
 from mydataproxy.config import LimitSettings, Settings
 from mydataproxy.egress.limits import ConnectionCounter, RefusedConnection
-from mydataproxy.forward.request import ForwardRequest, displayURI, logRefusal
-from mydataproxy.forward.tunnel import Tunnel
 from mydataproxy.http.framing import BodyDecoder, RequestHead, parseRequestHead
 from mydataproxy.http.headers import plainResponse
-from mydataproxy.http.target import Refusal, Target, parseTarget
+from mydataproxy.http.target import Refusal
 from mydataproxy.ops.logs import AccessLog
 from mydataproxy.pipeline import RequestPipeline
+from mydataproxy.server.request import displayURI
 from mydataproxy.tls.contexts import clientSubject
 from mydataproxy.upstream.client import UpstreamPool
 
@@ -58,14 +58,24 @@ LINGER_BYTES = 1024 * 1024
 CLOSE_SECONDS = 10.0
 
 
-class ForwardProxy(Factory):
+class ProxyListener(Factory):
     """
-    Shared state of one forward listener: its settings, the request
-    pipeline that admits its requests, the upstream pool, the access log,
-    the connection count and the open tunnels.
+    Shared state of one listener: its settings, the request pipeline that
+    admits its requests, the upstream pool, the access log, the connection
+    count and the open tunnels (CONNECT, Upgrade).
+
+    Subclasses say what a request becomes (L{newRequest}) and, if the
+    listener takes CONNECT, what a tunnel becomes (L{newTunnel}).
+
+    @ivar section: The config section of this listener (C{forward},
+        C{reverse}), for log lines that name a setting.
+    @ivar idleTimeout: Seconds a client may stay silent (its section's
+        C{client_idle_timeout}).
     """
 
     noisy = False
+    section = ""
+    takesConnect = False
 
     def __init__(
         self,
@@ -74,6 +84,7 @@ class ForwardProxy(Factory):
         pool: UpstreamPool,
         accessLog: AccessLog,
         reactor,
+        idleTimeout: float,
     ) -> None:
         self.settings = settings
         self.limits = settings.limits
@@ -81,10 +92,19 @@ class ForwardProxy(Factory):
         self.pool = pool
         self.accessLog = accessLog
         self.reactor = reactor
+        self.idleTimeout = idleTimeout
         self.connections = ConnectionCounter(settings.limits)
-        self.tunnels: set[Tunnel] = set()
+        self.tunnels: set[RelayedTunnel] = set()
         self._tunnelSweep = LoopingCall(self._closeIdleTunnels)
         self._tunnelSweep.clock = reactor
+
+    def newRequest(self, channel: ProxyChannel, head: RequestHead) -> ChannelRequest:
+        """The request for C{head}, arrived on C{channel} (not yet started)."""
+        raise NotImplementedError
+
+    def newTunnel(self, channel: ProxyChannel, head: RequestHead) -> ClientTunnel:
+        """The tunnel for a CONNECT C{head} (when L{takesConnect})."""
+        raise NotImplementedError
 
     def startFactory(self) -> None:
         self._tunnelSweep.start(min(self.limits.tunnel_idle_timeout / 4, 30.0), now=False)
@@ -111,9 +131,52 @@ class ForwardProxy(Factory):
             return RefusedConnection(
                 plainResponse(503, "too many connections", close=True, fields=[(b"Retry-After", b"1")])
             )
-        channel = ForwardChannel(client)
+        channel = ProxyChannel(client)
         channel.factory = self
         return channel
+
+
+class RelayedTunnel(typing.Protocol):
+    """What a listener needs of its open tunnels (to close idle ones)."""
+
+    lastActivity: float
+
+    @property
+    def display(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+class ClientTunnel(RelayedTunnel, typing.Protocol):
+    """What a channel needs of the tunnel it hands its connection to."""
+
+    def start(self) -> None: ...
+
+    def fromClient(self, data: bytes) -> None: ...
+
+    def clientReadClosed(self) -> None: ...
+
+    def clientLost(self, reason: Failure) -> None: ...
+
+
+class ChannelRequest(typing.Protocol):
+    """What a channel needs of the request it carries."""
+
+    def start(self) -> None: ...
+
+    def bodyReceived(self, data: bytes) -> None: ...
+
+    def bodyFinished(self) -> None: ...
+
+    def bodyRefused(self, refusal: Refusal) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def recordAccess(self) -> None: ...
+
+    def clientLost(self) -> None: ...
 
 
 class _Reading:
@@ -127,22 +190,23 @@ class _Reading:
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
-class ForwardChannel(Protocol, TimeoutMixin):
+class ProxyChannel(Protocol, TimeoutMixin):
     """
     One client connection: request heads parsed in one pass, one request
-    relayed at a time, CONNECT handed over to a L{Tunnel}.
+    relayed at a time; a CONNECT or an accepted Upgrade hands the connection
+    over to a tunnel.
 
     The channel is the push producer of everything written to the client:
     while the client does not read, the current response's origin is paused
     and no further request is read or parsed, so a client that pipelines
     without reading cannot make us buffer answers.
 
-    The idle timeout (C{forward.client_idle_timeout}) runs while we wait for
+    The idle timeout (the section's C{client_idle_timeout}) runs while we wait for
     the client: between requests, during a request body, and while the client
     does not read a response; never while the origin has the turn.
     """
 
-    factory: ForwardProxy
+    factory: ProxyListener
 
     # Slots keep per-connection memory small for thousands of idle tunnels.
     __slots__ = (
@@ -152,12 +216,12 @@ class ForwardChannel(Protocol, TimeoutMixin):
     )
 
     def __init__(self, client: str) -> None:
-        self.tunnel: Tunnel | None = None
+        self.tunnel: ClientTunnel | None = None
         self.client = client
         self._state = _Reading.HEAD
         self._buffer = b""
         self._scanned = 0
-        self._request: ForwardRequest | None = None
+        self._request: ChannelRequest | None = None
         self._decoder: BodyDecoder | None = None
         self._persistent = True
         self._headDeadline: IDelayedCall | None = None
@@ -205,13 +269,14 @@ class ForwardChannel(Protocol, TimeoutMixin):
     # Connection life.
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.factory.settings.forward.client_idle_timeout)
+        self.setTimeout(self.factory.idleTimeout)
         self.transport.registerProducer(self, True)
 
     def timeoutConnection(self) -> None:
         log.info(
-            "closing idle connection from {client} (forward.client_idle_timeout)",
+            "closing idle connection from {client} ({section}.client_idle_timeout)",
             client=self.clientEndpoint(),
+            section=self.factory.section,
         )
         if self._request is None:
             self.close()
@@ -268,7 +333,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
             if not self._pausedFor:
                 self.transport.resumeProducing()
                 if self._state in (_Reading.HEAD, _Reading.BODY):
-                    self.setTimeout(self.factory.settings.forward.client_idle_timeout)
+                    self.setTimeout(self.factory.idleTimeout)
 
     # Receiving
 
@@ -352,11 +417,11 @@ class ForwardChannel(Protocol, TimeoutMixin):
             self.refuseHead(refusal, buffer[: min(end, 200)].split(b"\r\n", 1)[0])
             return False
         self._buffer = buffer[end + 4 :]
-        if head.method == b"CONNECT":
+        if head.method == b"CONNECT" and self.factory.takesConnect:
             self._startTunnel(head)
             return True
         self._persistent = head.persistent
-        request = ForwardRequest(self, head)
+        request = self.factory.newRequest(self, head)
         self._request = request
         if head.hasBody:
             self._decoder = BodyDecoder(head.contentLength, head.chunked, limits.max_body_bytes)
@@ -405,7 +470,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
         """Is the current request's body still arriving?"""
         return self._state == _Reading.BODY
 
-    def requestDone(self, request: ForwardRequest) -> None:
+    def requestDone(self, request: ChannelRequest) -> None:
         """C{request}'s response is complete: the next one, or close."""
         if request is not self._request:
             return
@@ -418,7 +483,7 @@ class ForwardChannel(Protocol, TimeoutMixin):
             self.close()
             return
         self._state = _Reading.HEAD
-        self.setTimeout(self.factory.settings.forward.client_idle_timeout)
+        self.setTimeout(self.factory.idleTimeout)
         # Whatever held reading back for this request no longer does.
         self.resumeReading("body")
         self.resumeReading("pipelined")
@@ -500,25 +565,39 @@ class ForwardChannel(Protocol, TimeoutMixin):
             )
         )
 
-    # CONNECT
+    # Tunnels
 
     def _startTunnel(self, head: RequestHead) -> None:
-        """Leave HTTP: from here on the connection's bytes belong to a tunnel."""
+        """Leave HTTP for a CONNECT: from here on the connection's bytes belong to a tunnel."""
+        self._becomeTunnel()
+        self.tunnel = self.factory.newTunnel(self, head)
+        self.tunnel.start()
+
+    def upgrade(self, request: ChannelRequest, tunnel: ClientTunnel) -> None:
+        """
+        C{request}'s response switched protocols (its head is written):
+        the connection's bytes, those already received included, belong to
+        C{tunnel} from now on.  C{tunnel} writes the request's access line
+        when it ends.
+        """
+        if request is not self._request:
+            return
+        self._request = None
+        self._decoder = None
+        self._becomeTunnel()
+        self._pausedFor.clear()
+        self.transport.resumeProducing()
+        self.tunnel = tunnel
+        tunnel.start()
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            tunnel.fromClient(data)
+
+    def _becomeTunnel(self) -> None:
         self.setTimeout(None)
         self._state = _Reading.TUNNEL
         # From here the tunnel wires the two sockets' back-pressure itself.
         self.transport.unregisterProducer()
-        target: Target | Refusal
-        pipeline = self.factory.pipeline
-        client = pipeline.clientOf(self.clientAddress(), head.values(b"x-forwarded-for"))
-        try:
-            pipeline.admitClient(client)
-            target = parseTarget(head.method, head.target, None)
-        except Refusal as refusal:
-            logRefusal(refusal, head, client)
-            target = refusal
-        self.tunnel = Tunnel(self, target, head.values(b"proxy-authorization"), self.factory)
-        self.tunnel.start()
 
     # The client closing.
 
