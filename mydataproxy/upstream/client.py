@@ -70,16 +70,24 @@ class UpstreamError(Exception):
         have acted on the request, so only a safe request is sent again
         (RFC 9112 section 9.3.1).
     @ivar retryAfter: Seconds for a C{Retry-After} field, if worth sending.
+    @ivar unsent: True if no connection was had: not a byte of the request
+        was sent, so it may go elsewhere (another backend).
     """
 
     def __init__(
-        self, status: int, reason: str, retryable: bool = False, retryAfter: int | None = None
+        self,
+        status: int,
+        reason: str,
+        retryable: bool = False,
+        retryAfter: int | None = None,
+        unsent: bool = False,
     ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.retryable = retryable
         self.retryAfter = retryAfter
+        self.unsent = unsent
 
 
 class BodyFraming(enum.Enum):
@@ -130,6 +138,22 @@ class ResponseReceiver(TypingProtocol):
         (the client connection aborted), never ended cleanly.
         """
 
+    def responseUpgraded(self, reason: bytes, fields: HeaderList, connection: "UpstreamConnection") -> None:
+        """
+        The origin switched protocols (101) for an exchange that asked to
+        upgrade: from now on C{connection} carries raw bytes, to the
+        L{RawSink} the receiver sets with L{UpstreamConnection.relayTo}
+        before it returns.
+        """
+
+
+class RawSink(TypingProtocol):
+    """Where an upgraded connection's bytes go."""
+
+    def fromOrigin(self, data: bytes) -> None: ...
+
+    def originLost(self, reason: Failure) -> None: ...
+
 
 class _State(enum.Enum):
     IDLE = 0
@@ -140,6 +164,7 @@ class _State(enum.Enum):
     CHUNK_END = 5
     TRAILER = 6
     UNTIL_CLOSE = 7
+    UPGRADED = 8  # after a 101: raw bytes, no more HTTP
 
 
 # States in which the response head has been delivered and the body is due.
@@ -306,6 +331,7 @@ class UpstreamConnection(Protocol):
         self.idleSince = 0.0
         self.evicted = False
         self.ready: defer.Deferred = defer.Deferred()
+        self._sink: RawSink | None = None
 
     def connectionMade(self) -> None:
         address = self.transport.getPeer()
@@ -333,9 +359,16 @@ class UpstreamConnection(Protocol):
         self._statusChecked = False
         self.transport.write(head)
 
+    def relayTo(self, sink: RawSink) -> None:
+        """After a 101: send every byte from the origin to C{sink}."""
+        self._sink = sink
+
     # Receiving
 
     def dataReceived(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.fromOrigin(data)
+            return
         exchange = self.exchange
         if exchange is None:
             # Nothing may arrive on an idle connection (or after a response
@@ -380,6 +413,10 @@ class UpstreamConnection(Protocol):
             if pos < 0:
                 return
         while pos < end and self.exchange is exchange:
+            if self._sink is not None:
+                # Switched protocols: what follows the 101 head is raw.
+                self._sink.fromOrigin(data[pos:])
+                return
             state = self._state
             if state is _State.HEAD:
                 i = data.find(b"\r\n\r\n", pos, pos + MAX_RESPONSE_HEAD + 4)
@@ -528,7 +565,15 @@ class UpstreamConnection(Protocol):
         version, status, reason, fields = parseResponseHead(head)
         if status < 200:
             if status == 101:
-                raise InvalidResponse("unexpected 101 Switching Protocols")
+                if not exchange.upgrading:
+                    raise InvalidResponse("unexpected 101 Switching Protocols")
+                self._state = _State.UPGRADED
+                self.reusable = False
+                self.exchange = None
+                exchange.upgraded(reason, fields, self)
+                if self._sink is None:
+                    self._poison()
+                return
             self._interim += 1
             if self._interim > MAX_INTERIM_RESPONSES:
                 raise InvalidResponse(f"more than {MAX_INTERIM_RESPONSES} interim responses")
@@ -591,6 +636,9 @@ class UpstreamConnection(Protocol):
         if self._idleCall is not None and self._idleCall.active():
             self._idleCall.cancel()
         self.pool.connectionClosed(self)
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.originLost(reason)
         exchange, self.exchange = self.exchange, None
         state, self._state = self._state, _State.IDLE
         if exchange is None:
@@ -736,6 +784,14 @@ class UpstreamExchange:
         L{SAFE_METHODS} are ever retried.
     @param bodyProducer: Pauses and resumes the client's request body; it is
         paused while the origin cannot take more.
+    @param connectTimeout: Seconds to connect (default
+        C{upstream.connect_timeout}).
+    @param readTimeout: Seconds the origin may stay silent once it has the
+        request (default C{upstream.read_timeout}).
+    @param upgrading: The request asks to switch protocols: a 101 is
+        reported with L{ResponseReceiver.responseUpgraded}.
+    @param timeoutSettings: The names of the connect and read timeout
+        settings that apply, for the messages that say one ran out.
     """
 
     def __init__(
@@ -746,8 +802,16 @@ class UpstreamExchange:
         method: bytes,
         receiver: ResponseReceiver,
         bodyProducer: IPushProducer,
+        connectTimeout: float | None = None,
+        readTimeout: float | None = None,
+        upgrading: bool = False,
+        timeoutSettings: tuple[str, str] = ("upstream.connect_timeout", "upstream.read_timeout"),
     ) -> None:
         self.pool = pool
+        self.timeoutSettings = timeoutSettings
+        self.connectTimeout = connectTimeout
+        self.readTimeout = pool.settings.read_timeout if readTimeout is None else readTimeout
+        self.upgrading = upgrading
         self.destination: Destination | None = None
         self.upstreamAddress = ""
         self._head = head
@@ -772,23 +836,27 @@ class UpstreamExchange:
         """Would request body bytes still be relayed?  False once it is complete or the exchange is over."""
         return not (self._bodyDone or self._ended or self._responseDone)
 
-    def start(self, destination: Destination) -> None:
+    def start(self, destination: Destination, head: bytes | None = None) -> None:
         """
-        Acquire a connection to C{destination} and send the request.  Body
-        written before this is held (pausing the client past a bound).
+        Acquire a connection to C{destination} and send the request (with
+        C{head} if given, when it depends on the destination).  Body written
+        before this is held (pausing the client past a bound).
         """
         self.destination = destination
+        if head is not None:
+            self._head = head
         self._acquire(fresh=False)
 
     def _acquire(self, fresh: bool) -> None:
-        d = self.pool.acquire(self.destination, fresh=fresh)
+        d = self.pool.acquire(self.destination, fresh=fresh, connectTimeout=self.connectTimeout)
         self._acquiring = d
         d.addCallbacks(self._connected, self._acquireFailed).addErrback(self._crashed)
 
     def _acquireFailed(self, failure: Failure) -> None:
         self._acquiring = None
         if not self._ended:
-            self._fail(self.pool.describeConnectFailure(self.destination, failure))
+            error = self.pool.describeConnectFailure(self.destination, failure, self.timeoutSettings[0])
+            self._fail(UpstreamError(error.status, error.reason, retryAfter=error.retryAfter, unsent=True))
 
     def _crashed(self, failure: Failure) -> None:
         """A bug in our own callbacks must not leave the client waiting."""
@@ -864,7 +932,7 @@ class UpstreamExchange:
 
     def activity(self) -> None:
         if self._timeoutCall is not None:
-            self._timeoutCall.reset(self.pool.settings.read_timeout)
+            self._timeoutCall.reset(self.readTimeout)
 
     def headReceived(
         self, status: int, reason: bytes, fields: HeaderList, bodyLength: int | None, declaredLength: int | None
@@ -873,6 +941,15 @@ class UpstreamExchange:
 
     def bodyReceived(self, data: bytes) -> None:
         self._receiver.responseData(data)
+
+    def upgraded(self, reason: bytes, fields: HeaderList, connection: UpstreamConnection) -> None:
+        """The origin switched protocols: the connection leaves HTTP (and the pool's reuse)."""
+        self._cancelTimeout()
+        self._responseDone = True
+        self._ended = True
+        self._stopBody()
+        self._connection = None
+        self._receiver.responseUpgraded(reason, fields, connection)
 
     def responseComplete(self) -> None:
         self._cancelTimeout()
@@ -955,9 +1032,7 @@ class UpstreamExchange:
     # Timeouts
 
     def _armTimeout(self) -> None:
-        self._timeoutCall = self.pool.clock.callLater(
-            self.pool.settings.read_timeout, self._timedOut
-        )
+        self._timeoutCall = self.pool.clock.callLater(self.readTimeout, self._timedOut)
 
     def _cancelTimeout(self) -> None:
         if self._timeoutCall is not None and self._timeoutCall.active():
@@ -966,7 +1041,7 @@ class UpstreamExchange:
 
     def _timedOut(self) -> None:
         self._timeoutCall = None
-        seconds = self.pool.settings.read_timeout
+        seconds = self.readTimeout
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.exchange = None
@@ -975,7 +1050,7 @@ class UpstreamExchange:
             UpstreamError(
                 504,
                 f"{self.destination.host}:{self.destination.port} sent nothing for {seconds:g} s"
-                " (upstream.read_timeout)",
+                f" ({self.timeoutSettings[1]})",
             )
         )
         if connection is not None:
@@ -1001,10 +1076,13 @@ class UpstreamExchange:
 
 
 class _Waiter:
-    __slots__ = ("destination", "deferred", "timeout", "fresh", "order")
+    __slots__ = ("destination", "deferred", "timeout", "fresh", "order", "connectTimeout")
 
-    def __init__(self, pool: "UpstreamPool", destination: Destination, fresh: bool, order: int) -> None:
+    def __init__(
+        self, pool: "UpstreamPool", destination: Destination, fresh: bool, order: int, connectTimeout: float | None
+    ) -> None:
         self.destination = destination
+        self.connectTimeout = connectTimeout
         self.fresh = fresh
         self.order = order
         # Cancelling (the client left) takes the waiter out of its queue.
@@ -1068,10 +1146,14 @@ class UpstreamPool:
         """Requests waiting for a connection."""
         return self._queued
 
-    def acquire(self, destination: Destination, fresh: bool = False) -> defer.Deferred:
+    def acquire(
+        self, destination: Destination, fresh: bool = False, connectTimeout: float | None = None
+    ) -> defer.Deferred:
         """
         A connection to C{destination}: an idle pooled one unless C{fresh},
-        else a new one when the bounds allow, else the next one free.
+        else a new one (within C{connectTimeout} seconds, default
+        C{upstream.connect_timeout}) when the bounds allow, else the next
+        one free.
 
         @return: Deferred firing with an L{UpstreamConnection}, or failing
             with the connection error or an L{UpstreamError} (503).
@@ -1082,7 +1164,7 @@ class UpstreamPool:
             if connection is not None:
                 return defer.succeed(connection)
         if self._hasRoom(destination) or self._evictIdleFor(destination):
-            return self._connect(destination)
+            return self._connect(destination, connectTimeout=connectTimeout)
         queue = self._waiters.get(destination)
         if queue is not None and len(queue) >= self.settings.queue_per_destination:
             self.rejected += 1
@@ -1092,7 +1174,7 @@ class UpstreamPool:
         if queue is None:
             queue = self._waiters[destination] = _Queue()
         self._arrivals += 1
-        waiter = _Waiter(self, destination, fresh, self._arrivals)
+        waiter = _Waiter(self, destination, fresh, self._arrivals, connectTimeout)
         waiter.timeout = self.clock.callLater(
             self.settings.pool_wait_timeout, self._waitTimedOut, waiter
         )
@@ -1150,7 +1232,12 @@ class UpstreamPool:
         oldest.transport.loseConnection()
         return True
 
-    def _connect(self, destination: Destination, deferred: defer.Deferred | None = None) -> defer.Deferred:
+    def _connect(
+        self,
+        destination: Destination,
+        deferred: defer.Deferred | None = None,
+        connectTimeout: float | None = None,
+    ) -> defer.Deferred:
         """
         Open a connection to C{destination} and fire C{deferred} (a new,
         cancellable one if L{None}) with it.  If C{deferred} was cancelled
@@ -1165,7 +1252,7 @@ class UpstreamPool:
             self.reactor,
             list(destination.addresses),
             destination.port,
-            self.settings.connect_timeout,
+            self.settings.connect_timeout if connectTimeout is None else connectTimeout,
             UpstreamConnection(destination, self),
             tls,
         )
@@ -1184,8 +1271,13 @@ class UpstreamPool:
         ready.addCallbacks(arrived, failed)
         return deferred
 
-    def describeConnectFailure(self, destination: Destination, failure: Failure) -> UpstreamError:
-        """Turn a connect failure into what the client should be told."""
+    def describeConnectFailure(
+        self, destination: Destination, failure: Failure, setting: str = "upstream.connect_timeout"
+    ) -> UpstreamError:
+        """
+        Turn a connect failure into what the client should be told; a
+        timeout names C{setting}, the connect timeout that applied.
+        """
         where = f"{destination.host}:{destination.port}"
         if failure.check(UpstreamError):
             return failure.value
@@ -1196,7 +1288,7 @@ class UpstreamPool:
         if failure.check(error.ConnectionRefusedError):
             return UpstreamError(502, f"connection refused by {where}")
         if failure.check(error.TimeoutError, defer.CancelledError):
-            return UpstreamError(504, f"connecting to {where} timed out (upstream.connect_timeout)")
+            return UpstreamError(504, f"connecting to {where} timed out ({setting})")
         log.warn("connect to {where} failed: {f}", where=where, f=failure.getErrorMessage())
         return UpstreamError(502, f"cannot connect to {where}: {failure.getErrorMessage()}")
 
@@ -1245,7 +1337,7 @@ class UpstreamPool:
                     best = candidate
         if best is not None:
             self._unqueue(best)
-            self._connect(best.destination, best.deferred)
+            self._connect(best.destination, best.deferred, best.connectTimeout)
 
     def _waitTimedOut(self, waiter: _Waiter) -> None:
         waiter.timeout = None
