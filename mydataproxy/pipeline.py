@@ -85,15 +85,17 @@ class RequestPipeline:
         """
         return self.access.clientAddress(peer, forwardedFor)
 
-    def admitClient(self, client: str) -> None:
+    def admitClient(self, client: str, access: ClientAccess | None = None) -> None:
         """
         The checks before any target work: client allow-list and rate.
 
         @param client: The client's address (see L{clientOf}).
+        @param access: The listener's allow-list, if not the forward one
+            (the rate limit is per client, across listeners).
         @raise Refusal: 403 when the allow-list refuses C{client}, 429 (with
             C{Retry-After}) when it is over its rate.
         """
-        decision = self.access.allowed(client)
+        decision = (access or self.access).allowed(client)
         if not decision.allowed:
             raise Refusal(403, "client address not allowed", decision.rule)
         if self.rate.enabled:

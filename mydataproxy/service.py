@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from mydataproxy.egress.auth import ProxyAuthenticator
 from mydataproxy.config import Settings
 from mydataproxy.forward.listener import ForwardProxy
+from mydataproxy.reverse.listener import ReverseProxy
 from mydataproxy.tls.listener import TLSListener
 from mydataproxy.ops.logs import AccessLog
 from mydataproxy.pipeline import RequestPipeline
@@ -103,11 +104,18 @@ class ProxyService(MultiService):
         )
         # One admission pipeline, shared by every listener.
         self.pipeline = RequestPipeline(settings, Resolver(reactor, settings.resolver), self.authenticator, reactor)
-        forward: Factory = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
         self.tlsListener: TLSListener | None = None
-        if self.serverTLS is not None:
-            forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
-        ListenerService("forward", forwardSettings.listen, forward, reactor).setServiceParent(self)
+        if forwardSettings.enabled:
+            forward: Factory = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            if self.serverTLS is not None:
+                forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
+            ListenerService("forward", forwardSettings.listen, forward, reactor).setServiceParent(self)
+        self.reverseTLS = material.reverseTLS
+        if settings.reverse is not None:
+            reverse: Factory = ReverseProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            if self.reverseTLS is not None:
+                reverse = TLSListener(self.reverseTLS, reverse, reactor)
+            ListenerService("reverse", settings.reverse.listen, reverse, reactor).setServiceParent(self)
         self._reloads = DeferredLock()
 
     def reloadTLS(self) -> Deferred:
@@ -128,7 +136,7 @@ class ProxyService(MultiService):
         return result
 
     def _reloadAll(self) -> Deferred:
-        holders = [holder for holder in (self.serverTLS, self.originTLS) if holder is not None]
+        holders = [holder for holder in (self.serverTLS, self.reverseTLS, self.originTLS) if holder is not None]
         return gatherResults([holder.reload(self.reactor) for holder in holders])
 
     def startService(self) -> None:
@@ -146,12 +154,13 @@ class ProxyService(MultiService):
         log.info("configuration from {source}", source=self.settings.source)
         for notice in self.settings.notices:
             log.warn("{notice}", notice=notice)
-        if not self.settings.forward.client_allow:
+        if self.settings.forward.enabled and not self.settings.forward.client_allow:
             log.info("forward.client_allow is empty: every client that reaches the listener may use it")
         if not self.settings.egress.guard:
             log.warn("egress.guard is off: private, loopback and cloud metadata addresses are reachable")
-        if self.serverTLS is not None:
-            self.serverTLS.report()
+        for holder in (self.serverTLS, self.reverseTLS):
+            if holder is not None:
+                holder.report()
         self.originTLS.report()
         self.accessLog.start()
         super().privilegedStartService()

@@ -302,6 +302,7 @@ def _reverse(check: _Checker, table: Mapping[str, Any], base: Path, upstream: Up
     if not routes:
         raise check.error("reverse.routes", "the reverse listener needs at least one [[reverse.routes]] entry")
     seen: dict[tuple[bytes, tuple[str, ...]], int] = {}
+    names: dict[str, int] = {}
     for index, route in enumerate(routes):
         key = (route.prefix, tuple(sorted(route.hosts)))
         if key in seen:
@@ -309,7 +310,13 @@ def _reverse(check: _Checker, table: Mapping[str, Any], base: Path, upstream: Up
                 f"reverse.routes[{index}].prefix",
                 f"{route.prefix.decode()!r} is already routed by reverse.routes[{seen[key]}] for the same hosts",
             )
+        if route.name in names:
+            raise check.error(
+                f"reverse.routes[{index}].name",
+                f"{route.name!r} is already the name of reverse.routes[{names[route.name]}]",
+            )
         seen[key] = index
+        names[route.name] = index
     return replace(defaults, **values)
 
 
@@ -397,6 +404,8 @@ def _route(check: _Checker, index: int, table: Any, upstream: UpstreamSettings, 
                 raise check.error(dotted, f"{domain!r}: {e}") from None
         else:
             raise check.error(dotted, "unknown key")
+    if "name" not in values and values.get("hosts"):
+        values["name"] = values["hosts"][0] + prefix
     return RouteSettings(**values)
 
 

@@ -14,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Sequence
 
-from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, IPNetwork
+from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, IPNetwork, ReverseSettings
 from mydataproxy.http.hosts import hostMatches
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -198,11 +198,26 @@ class EgressPolicy:
 
 
 class ClientAccess:
-    """The client allow-list, and which X-Forwarded-For hop to believe."""
+    """
+    A listener's client allow-list, and which X-Forwarded-For hop to
+    believe.
 
-    def __init__(self, settings: ForwardSettings) -> None:
+    @param settings: The listener's section (C{client_allow},
+        C{trusted_proxies}).
+    @param section: Its name in the config, for the rules decisions name.
+    """
+
+    def __init__(self, settings: ForwardSettings | ReverseSettings, section: str = "forward") -> None:
         self._networks = settings.client_allow
         self._trusted = settings.trusted_proxies
+        self._rule = f"{section}.client_allow"
+
+    def trusts(self, peer: str) -> bool:
+        """Is C{peer} (an address) one of the trusted proxies?"""
+        try:
+            return self._trusts(_ip(peer))
+        except ValueError:
+            return False
 
     def _trusts(self, ip: IPAddress) -> bool:
         return any(ip in network for network in self._trusted)
@@ -228,15 +243,15 @@ class ClientAccess:
     def allowed(self, address: str) -> Decision:
         """May the client at C{address} use this listener?"""
         if not self._networks:
-            return Decision(True, "forward.client_allow is empty")
+            return Decision(True, f"{self._rule} is empty")
         try:
             ip = _ip(address)
         except ValueError:
-            return Decision(False, "forward.client_allow (not an IP client)")
+            return Decision(False, f"{self._rule} (not an IP client)")
         for network in self._networks:
             if ip in network:
-                return Decision(True, f"forward.client_allow {network}")
-        return Decision(False, "forward.client_allow (no match)")
+                return Decision(True, f"{self._rule} {network}")
+        return Decision(False, f"{self._rule} (no match)")
 
 
 def _ip(text: str) -> IPAddress:

@@ -70,6 +70,32 @@ def via(version: bytes) -> bytes:
     return (version[5:] if version.startswith(b"HTTP/") else b"1.1") + b" mydataproxy"
 
 
+def _endToEnd(head: RequestHead, drop: frozenset[bytes]) -> HeaderList:
+    """
+    The client's fields a proxy may relay as they are: not hop-by-hop, not
+    listed in C{Connection}, not ones the proxy writes itself, not in C{drop}.
+    """
+    listed = head.connection
+    out: HeaderList = []
+    for name, value in head.fields:
+        lower = name.lower()
+        if (
+            lower in HOP_BY_HOP
+            or lower in _REWRITTEN_REQUEST_FIELDS
+            or lower in listed
+            or lower in drop
+            or (lower == b"max-forwards" and head.method in MAX_FORWARDS_METHODS)
+        ):
+            continue
+        out.append((name, value))
+    return out
+
+
+def _via(head: RequestHead) -> tuple[bytes, bytes]:
+    vias = None if b"via" in head.connection else head.values(b"via")
+    return (b"Via", _appended(vias, via(head.version)))
+
+
 def upstreamRequestFields(
     head: RequestHead, drop: frozenset[bytes], host: bytes, peerAddress: bytes
 ) -> HeaderList:
@@ -86,24 +112,23 @@ def upstreamRequestFields(
         repeated fields kept.
     """
     listed = head.connection
-    out: HeaderList = [(b"Host", host)]
-    for name, value in head.fields:
-        lower = name.lower()
-        if (
-            lower in HOP_BY_HOP
-            or lower in _REWRITTEN_REQUEST_FIELDS
-            or lower in listed
-            or lower in drop
-            or (lower == b"max-forwards" and head.method in MAX_FORWARDS_METHODS)
-        ):
-            continue
-        out.append((name, value))
+    out: HeaderList = [(b"Host", host), *_endToEnd(head, drop)]
     # A field the client declared hop-by-hop or that the filter drops starts afresh.
     forwardedFor = None if b"x-forwarded-for" in drop or b"x-forwarded-for" in listed else head.values(b"x-forwarded-for")
-    vias = None if b"via" in listed else head.values(b"via")
     out.append((b"X-Forwarded-For", _appended(forwardedFor, peerAddress)))
-    out.append((b"Via", _appended(vias, via(head.version))))
+    out.append(_via(head))
     return out
+
+
+def replacedRequestFields(
+    head: RequestHead, drop: frozenset[bytes], host: bytes, added: HeaderList
+) -> HeaderList:
+    """
+    Like L{upstreamRequestFields}, for a proxy that writes the fields in
+    C{drop} itself: those the client sent are left out and C{added} (the
+    proxy's own) go in their place, before C{Via}.
+    """
+    return [(b"Host", host), *_endToEnd(head, drop), *added, _via(head)]
 
 
 def relayedResponseFields(fields: HeaderList) -> HeaderList:

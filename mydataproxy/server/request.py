@@ -180,7 +180,8 @@ class ProxiedRequest:
             return BodyFraming.LENGTH
         return BodyFraming.NONE
 
-    def _routed(self, destination: Destination) -> None:
+    def _routed(self, destination: Destination, upstreamHead: bytes | None = None) -> None:
+        """Send the request to C{destination} (with C{upstreamHead}, when it depends on it)."""
         if self._exchange is None or self._finished:
             return
         head = self.head
@@ -192,7 +193,7 @@ class ProxiedRequest:
         ):
             # The proxy answers Expect itself (the origin never sees it).
             self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._exchange.start(destination)
+        self._exchange.start(destination, upstreamHead)
 
     def _routeFailed(self, failure: Failure) -> None:
         if self._exchange is None or self._finished:
