@@ -233,7 +233,8 @@ def test_wheel_ships_the_plugin_and_the_command(tmp_path: Path) -> None:
         names = archive.namelist()
         assert "twisted/plugins/mydataproxy_plugin.py" in names
         assert "twisted/plugins/__init__.py" not in names, "would shadow Twisted's own plugins package"
-        assert "mydataproxy/forward/channel.py" in names
+        packages = sorted(str(init.relative_to(REPO)) for init in (REPO / "mydataproxy").rglob("__init__.py"))
+        assert [init for init in packages if init not in names] == [], "packages missing from setup.cfg"
         entryPoints = next(n for n in names if n.endswith("entry_points.txt"))
         assert "mydataproxy = mydataproxy.cli:main" in archive.read(entryPoints).decode()
         metadata = next(n for n in names if n.endswith("METADATA"))
