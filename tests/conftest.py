@@ -725,6 +725,23 @@ def proxy_factory(tmp_path, ca_pem, session_connect_ports, dns_server):
     assert not problems, problems
 
 
+@pytest.fixture
+def reverse_factory(proxy_factory):
+    """
+    A function C{(routes, **sections) -> ProxyProcess} starting a proxy whose
+    reverse listener (on a free loopback port, C{.reverse_port}) serves
+    C{routes}; C{reverse={...}} adds keys to C{[reverse]}, other keyword
+    arguments override config sections as for C{proxy_factory}.
+    """
+
+    def start(routes: list[dict], **sections) -> ProxyProcess:
+        reverse = {"listen": f"tcp:{get_free_port()}:interface={LOOPBACK}", "routes": routes}
+        reverse.update(sections.pop("reverse", {}))
+        return proxy_factory(reverse=reverse, **sections)
+
+    return start
+
+
 @pytest.fixture(autouse=True)
 def _proxy_still_running(request):
     """After each test, the shared proxy (if used) must still be running."""

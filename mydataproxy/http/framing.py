@@ -179,7 +179,7 @@ class BodyDecoder:
     @param limit: Most body bytes accepted (0: no limit); beyond it, 413.
     """
 
-    __slots__ = ("done", "received", "_remaining", "_chunked", "_state", "_limit", "_trailerBytes")
+    __slots__ = ("done", "received", "_remaining", "_chunked", "_state", "_limit", "_rule", "_trailerBytes")
 
     # States of a chunked body.
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
@@ -189,6 +189,7 @@ class BodyDecoder:
         self._remaining = 0 if chunked else (contentLength or 0)
         self._state = self._SIZE
         self._limit = limit
+        self._rule = "limits.max_body_bytes"
         self._trailerBytes = 0
         self.received = 0
         self.done = not chunked and not self._remaining
@@ -265,9 +266,15 @@ class BodyDecoder:
         if headerProblem(line):
             raise Refusal(400, "bad request: malformed trailer field")
 
+    def narrow(self, limit: int, rule: str) -> None:
+        """A tighter limit (named C{rule}) than the one given, if it is one."""
+        if limit and (not self._limit or limit < self._limit):
+            self._limit = limit
+            self._rule = rule
+
     def _count(self, size: int) -> None:
         # A chunk is counted when announced, so an oversized one is refused
         # before its bytes are read.
         self.received += size
         if self._limit and self.received > self._limit:
-            raise Refusal(413, "request body too large", "limits.max_body_bytes")
+            raise Refusal(413, "request body too large", self._rule)

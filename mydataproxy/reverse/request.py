@@ -53,7 +53,8 @@ class ReverseRequest(ProxiedRequest):
     """A request to the reverse listener."""
 
     __slots__ = (
-        "route", "side", "backend", "_tried", "_lastFailure", "_admitted", "_waiting", "_rest", "_upgrade",
+        "route", "side", "backend", "_counted", "_tried", "_lastFailure", "_admitted", "_waiting", "_rest",
+        "_upgrade",
     )
 
     def __init__(self, channel, head) -> None:
@@ -61,6 +62,7 @@ class ReverseRequest(ProxiedRequest):
         self.route: RouteSettings | None = None
         self.side: ClientSide | None = None
         self.backend: Backend | None = None
+        self._counted = False
         self._tried: list[Backend] = []
         self._lastFailure: UpstreamError | None = None
         self._admitted = False
@@ -74,8 +76,11 @@ class ReverseRequest(ProxiedRequest):
 
     @property
     def display(self) -> str:
-        host = self.side.host.decode("ascii", "replace") if self.side else ""
-        return host + displayURI(self.head.target)
+        """The public URL asked for (the path alone before the client side is known)."""
+        path = displayURI(self.head.target)
+        if self.side is None or not self.side.host:
+            return path
+        return self.side.origin.decode("ascii", "replace") + path
 
     # Admission
 
@@ -98,8 +103,11 @@ class ReverseRequest(ProxiedRequest):
             self.route, self._rest = proxy.routes.match(requestHost(host), head.target)
             route = self.route
             limit = route.max_body_bytes
-            if limit and head.contentLength is not None and head.contentLength > limit:
-                raise Refusal(413, "request body too large", f"reverse.routes {route.name} max_body_bytes")
+            if limit:
+                rule = f"reverse.routes {route.name} max_body_bytes"
+                if head.contentLength is not None and head.contentLength > limit:
+                    raise Refusal(413, "request body too large", rule)
+                self.channel.limitBody(limit, rule)
             self.side = clientSide(
                 self.clientIP,
                 proxy.access.trusts(peer),
@@ -169,6 +177,7 @@ class ReverseRequest(ProxiedRequest):
         self._tried.append(backend)
         self.backend = backend
         backend.active += 1
+        self._counted = True
         settings = backend.settings
         resolver = self.proxy.pipeline.resolver
         known = resolver.known(settings.host)
@@ -235,16 +244,12 @@ class ReverseRequest(ProxiedRequest):
                 self._exchange = self._newExchange()
                 self._send()
                 return
-        log.warn(
-            "{status} {method} {target}: reverse route {route}, backend {backend}: {reason}",
-            status=failure.status,
-            method=self.head.method.decode("ascii", "replace"),
-            target=self.display,
-            route=self.route.name if self.route else "-",
-            backend=backend.url if backend else "-",
-            reason=failure.reason,
-        )
         super().responseFailed(UpstreamError(failure.status, failure.reason, retryAfter=failure.retryAfter))
+
+    def failedAt(self) -> str:
+        route = self.route.name if self.route else "-"
+        backend = self.backend.url if self.backend else "-"
+        return f" (reverse route {route}, backend {backend})"
 
     def _mayRetry(self) -> bool:
         return (
@@ -270,9 +275,9 @@ class ReverseRequest(ProxiedRequest):
     # Bookkeeping
 
     def _backendDone(self) -> None:
-        if self.backend is not None:
+        if self._counted:
+            self._counted = False
             self.backend.active -= 1
-            self.backend = None
 
     def _leave(self) -> None:
         if self._admitted:

@@ -456,6 +456,11 @@ class ProxyChannel(Protocol, TimeoutMixin):
 
     # The current request tells us where it stands.
 
+    def limitBody(self, limit: int, rule: str) -> None:
+        """The current request's body may hold at most C{limit} bytes (setting C{rule})."""
+        if self._decoder is not None:
+            self._decoder.narrow(limit, rule)
+
     @property
     def persistent(self) -> bool:
         """May another request follow the current one on this connection?"""

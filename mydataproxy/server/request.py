@@ -80,6 +80,8 @@ class RequestChannel(Protocol):
 
     def closeAfterResponse(self) -> None: ...
 
+    def limitBody(self, limit: int, rule: str) -> None: ...
+
     def setTimeout(self, period: float | None) -> None: ...
 
     def requestDone(self, request: ProxiedRequest) -> None: ...
@@ -165,6 +167,10 @@ class ProxiedRequest:
     def responseFields(self, fields: rules.HeaderList) -> rules.HeaderList:
         """The upstream response's fields as relayed to the client (framing excepted)."""
         return rules.relayedResponseFields(fields)
+
+    def failedAt(self) -> str:
+        """What a failure's log line adds about where the request was going."""
+        return ""
 
     @property
     def display(self) -> str:
@@ -296,11 +302,12 @@ class ProxiedRequest:
         if self._exchange is not None:
             self.upstreamAddress = self._exchange.upstreamAddress
         log.warn(
-            "{status} {method} {target}: {reason}",
+            "{status} {method} {target}: {reason}{where}",
             status=failure.status,
             method=self.head.method.decode("ascii", "replace"),
             target=self.display,
             reason=failure.reason,
+            where=self.failedAt(),
         )
         if self._responseStarted:
             # The head is out; all we can do is cut the response short.
