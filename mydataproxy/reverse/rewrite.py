@@ -58,11 +58,14 @@ class ClientSide:
         return self.proto + b"://" + self.host
 
 
-def _single(values: list[bytes] | None) -> bytes | None:
-    """The first element of the first value of a front's field, stripped."""
+def _nearest(values: list[bytes] | None) -> bytes | None:
+    """
+    The last element of a front's field, stripped: the one the trusted
+    front itself wrote (Apache appends to a client's X-Forwarded-Host).
+    """
     if not values:
         return None
-    return values[0].split(b",")[0].strip() or None
+    return values[-1].rpartition(b",")[2].strip() or None
 
 
 def clientSide(
@@ -84,13 +87,13 @@ def clientSide(
     proto = ownProto
     port: bytes | None = None
     if trusted:
-        frontHost = _single(forwardedHost)
+        frontHost = _nearest(forwardedHost)
         if frontHost is not None and _AUTHORITY.fullmatch(frontHost):
             publicHost = frontHost
-        frontProto = _single(forwardedProto)
+        frontProto = _nearest(forwardedProto)
         if frontProto is not None and frontProto.lower() in (b"http", b"https"):
             proto = frontProto.lower()
-        frontPort = _single(forwardedPort)
+        frontPort = _nearest(forwardedPort)
         if frontPort is not None and frontPort.isdigit() and len(frontPort) <= 5:
             port = frontPort
         if port is None:

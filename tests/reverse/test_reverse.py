@@ -477,6 +477,24 @@ def test_forwarding_headers_from_trusted_front_believed(reverse_factory, a):
         "behind a trusted TLS front the public URL is https://<its host>"
 
 
+def test_trusted_front_value_is_the_one_it_appended(reverse_factory, a):
+    """
+    Apache appends its X-Forwarded-Host to the one a client sent: the value
+    the trusted front wrote is the last one, and only it may steer rewrites.
+    """
+    proxy = reverse_factory([{"prefix": "/api/", "backends": [a.url + "/base/"], "name": "api"}],
+                            reverse={"trusted_proxies": ["127.0.0.0/8"]})
+    a.answer("/base/appended", 302, [("Location", f"{a.url}/base/next")])
+    resp = exchange(proxy, "GET", "/api/appended", [
+        ("X-Forwarded-Host", f"evil.example, {PUBLIC}"),
+        ("X-Forwarded-Proto", "http, https"),
+    ])
+    assert resp.status == 302
+    assert resp.get("location") == f"https://{PUBLIC}/api/next", resp.get("location")
+    seen = a.requests[-1]
+    assert seen.values("x-forwarded-host") == [PUBLIC]
+
+
 def test_request_hop_by_hop_headers_removed(alive):
     resp = exchange(alive, "GET", "/o/echo?hop", [
         ("Connection", "keep-alive, X-Drop-Me"),
