@@ -64,6 +64,10 @@ class _Checker:
         C{egress.rules[2].hosts}: the key's line inside its table, else the
         table's header line.
         """
+        table = re.compile(rf"^\s*\[\s*{re.escape(dotted)}\s*\]")
+        for number, line in enumerate(self._lines):
+            if table.match(line):  # a table of its own, e.g. [forward.tls]
+                return number + 1
         indexed = re.fullmatch(r"(.+)\[(\d+)\](?:\.([^.]+))?", dotted)
         if indexed:
             section, index, leaf = indexed.group(1), int(indexed.group(2)), indexed.group(3)
@@ -83,7 +87,8 @@ class _Checker:
                 index -= 1
         if start is None:
             # Not a table after all (e.g. "forward = 3"): look for the key.
-            bare = re.compile(rf'^\s*("?){re.escape(dotted.rsplit(".", 1)[-1])}\1\s*=')
+            name = re.sub(r"\[\d+\]$", "", (indexed.group(1) if indexed else dotted).rsplit(".", 1)[-1])
+            bare = re.compile(rf'^\s*("?){re.escape(name)}\1\s*=')
             return next((n + 1 for n, line in enumerate(self._lines) if bare.match(line)), None)
         if leaf is None:
             return start + 1
@@ -368,7 +373,6 @@ def _route(check: _Checker, index: int, table: Any, upstream: UpstreamSettings, 
     if "//" in prefix or any(segment in (".", "..") for segment in prefix.split("/")):
         raise check.error(f"{prefix_}.prefix", f"{prefix!r} must not hold '//' or dot segments")
     values["prefix"] = prefix.encode("ascii")
-    values["name"] = prefix
     if "backends" not in table:
         raise check.error(prefix_, "needs backends (one or more http:// or https:// URLs)")
     for key, value in table.items():
@@ -404,8 +408,8 @@ def _route(check: _Checker, index: int, table: Any, upstream: UpstreamSettings, 
                 raise check.error(dotted, f"{domain!r}: {e}") from None
         else:
             raise check.error(dotted, "unknown key")
-    if "name" not in values and values.get("hosts"):
-        values["name"] = values["hosts"][0] + prefix
+    if "name" not in values:
+        values["name"] = values["hosts"][0] + prefix if values.get("hosts") else prefix
     return RouteSettings(**values)
 
 

@@ -37,6 +37,8 @@ log = txaio.make_logger()
 # Sent again on another backend when the connection attempt failed: nothing
 # of the request left us, and these mean the same done twice.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+# What a 405 for CONNECT lists (RFC 9110 15.5.6): every method goes to a backend.
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE"
 
 
 class ReverseListener(Listener, typing.Protocol):
@@ -92,7 +94,9 @@ class ReverseRequest(ProxiedRequest):
         try:
             proxy.pipeline.admitClient(self.clientIP, proxy.access)
             if head.method == b"CONNECT":
-                raise Refusal(405, "CONNECT is not served by the reverse proxy")
+                raise Refusal(
+                    405, "CONNECT is not served by the reverse proxy", fields=[(b"Allow", ALLOWED_METHODS)]
+                )
             checkTarget(head.target)
             hosts = head.values(b"host")
             if hosts is not None and len(hosts) != 1:

@@ -94,7 +94,7 @@ def clientSide(
         if frontProto is not None and frontProto.lower() in (b"http", b"https"):
             proto = frontProto.lower()
         frontPort = _nearest(forwardedPort)
-        if frontPort is not None and frontPort.isdigit() and len(frontPort) <= 5:
+        if frontPort is not None and frontPort.isdigit() and len(frontPort) <= 5 and 0 < int(frontPort) < 65536:
             port = frontPort
         if port is None:
             try:
@@ -112,13 +112,11 @@ def forwardingFields(side: ClientSide) -> HeaderList:
     forwarded = b"for=%s;proto=%s" % (node, side.proto)
     if side.host and b'"' not in side.host:
         forwarded += b';host="%s"' % side.host
-    return [
-        (b"X-Forwarded-For", client),
-        (b"X-Forwarded-Host", side.host),
-        (b"X-Forwarded-Proto", side.proto),
-        (b"X-Forwarded-Port", side.port),
-        (b"Forwarded", forwarded),
-    ]
+    fields = [(b"X-Forwarded-For", client)]
+    if side.host:
+        fields.append((b"X-Forwarded-Host", side.host))
+    fields += [(b"X-Forwarded-Proto", side.proto), (b"X-Forwarded-Port", side.port), (b"Forwarded", forwarded)]
+    return fields
 
 
 def _backendOf(route: RouteSettings, scheme: bytes, authority: bytes) -> RouteBackend | None:
@@ -164,6 +162,21 @@ def publicURL(value: bytes, route: RouteSettings, side: ClientSide) -> bytes:
     return value if public is None else side.origin + public
 
 
+def _publicCookiePath(path: bytes, route: RouteSettings) -> bytes | None:
+    """
+    The public cookie path for a backend's, or L{None}: a path under a base
+    path, or the base path without its slash (Tomcat's default
+    C{Path=/context} for a base of C{/context/}).
+    """
+    for backend in route.backends:
+        if backend.path.endswith(b"/") and path + b"/" == backend.path:
+            return route.prefix.rstrip(b"/") or b"/"
+        public = publicPath(backend, route.prefix, path)
+        if public is not None:
+            return public
+    return None
+
+
 def publicCookie(value: bytes, route: RouteSettings) -> bytes:
     """
     ProxyPassReverseCookiePath and ...CookieDomain for one C{Set-Cookie}
@@ -176,12 +189,9 @@ def publicCookie(value: bytes, route: RouteSettings) -> bytes:
         name, eq, attributeValue = attribute.partition(b"=")
         key = name.strip().lower()
         if eq and key == b"path":
-            path = attributeValue.strip()
-            for backend in route.backends:
-                public = publicPath(backend, route.prefix, path)
-                if public is not None:
-                    attribute = b" Path=" + public
-                    break
+            public = _publicCookiePath(attributeValue.strip(), route)
+            if public is not None:
+                attribute = b" Path=" + public
         elif eq and key == b"domain" and attributeValue.strip().lstrip(b".").lower() in hosts:
             if not route.cookie_domain:
                 continue

@@ -29,7 +29,7 @@ from mydataproxy.http.hosts import hostMatches, normaliseHost
 from mydataproxy.http.target import PATH, Refusal, parseAuthority
 
 # RFC 3986 3.4: the query is pchar, "/" and "?".
-_QUERY = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*")
+_QUERY = re.compile(rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 _ENCODED_CONTROL = re.compile(rb"%[01][0-9A-Fa-f]|%7[Ff]")
 
 
@@ -50,7 +50,9 @@ def checkTarget(target: bytes) -> None:
         raise Refusal(400, "bad request: encoded control character in the request target")
     decoded = unquote_to_bytes(path).replace(b"\\", b"/")
     segments = decoded.split(b"/")[1:]
-    if any(segment in (b".", b"..") for segment in segments):
+    # Servlet containers drop ";params" before resolving dot segments:
+    # "..;" climbs there as ".." does.
+    if any(segment.partition(b";")[0] in (b".", b"..") for segment in segments):
         raise Refusal(400, "bad request: dot segment in the path")
     if b"" in segments[:-1]:
         raise Refusal(400, "bad request: empty segment (//) in the path")
