@@ -123,7 +123,14 @@ class ReverseRequest(ProxiedRequest):
                 self.channel.transport.getHost().port,
             )
             upgrade = head.values(b"upgrade")
-            if upgrade and b"upgrade" in head.connection and route.websocket and not head.hasBody:
+            if (
+                upgrade
+                and upgrade[0].lower() == b"websocket"
+                and b"upgrade" in head.connection
+                and route.websocket
+                and not head.hasBody
+            ):
+                # Only websockets: an h2c upgrade would carry requests past every check here.
                 self._upgrade = upgrade[0]
             waiting = proxy.rooms[route.name].enter()
         except Refusal as refusal:
@@ -136,7 +143,8 @@ class ReverseRequest(ProxiedRequest):
             self._send()
             return
         self._waiting = waiting
-        waiting.addCallbacks(self._admittedNow, self._routeFailed)
+        # An error inside _admittedNow must reach _routeFailed too.
+        waiting.addCallback(self._admittedNow).addErrback(self._routeFailed)
 
     def _admittedNow(self, _: None) -> None:
         self._waiting = None
