@@ -4,20 +4,29 @@ MyData Proxy benchmark: the proxy against direct-to-origin, measured in the
 same run, reported as ratios (the machine is small and shared, so absolute
 numbers swing; ratios of interleaved runs much less).
 
-    .venv/bin/python bench/run.py [--reps 3] [--duration 5] [--tunnels 1000]
+    .venv/bin/python bench/run.py [--modes forward,reverse] [--reps 3] [--duration 5] [--tunnels 1000]
 
 What it does:
-  - makes sure C{wrk} and C{nginx} are installed (Debian packages);
+  - makes sure C{wrk}, C{nginx} and C{curl} (and C{apache2} for the reverse
+    mode) are installed (Debian packages);
   - makes a throw-away CA and a server certificate for 127.0.0.1;
   - runs its own nginx (temporary prefix, C{daemon off}, one worker) with
     /small (100 bytes) and /big (10 MiB) over plain HTTP and HTTPS;
-  - runs the proxy (twistd) on a generated config with the access log on;
-  - measures, interleaving direct and proxied runs in every repetition:
+  - forward mode: runs the proxy (twistd) on a generated config with the
+    access log on and measures, interleaving direct and proxied runs in
+    every repetition:
       a. small keep-alive requests (wrk -c50): absolute-form and
          header-routed (x-target-host) against direct;
       b. 10 MiB downloads (wrk -c4) absolute-form against direct;
       c. 10 MiB over TLS: curl through a CONNECT tunnel against curl direct;
       d. proxy RSS per idle CONNECT tunnel (1000 tunnels, fresh proxy);
+  - reverse mode: runs the proxy with the forward listener off and one
+    reverse route / -> nginx, and Apache httpd (event MPM, mod_proxy_http,
+    generated minimal config, C{ProxyPass /}) beside it, both with an access
+    log, and measures small keep-alive requests (wrk -c50) and 10 MiB
+    downloads (wrk -c4) direct, through ours and through Apache, with the
+    CPU time each proxy spent (from /proc) and the connections nginx
+    accepted (its stub_status), interleaved in every repetition;
   - prints a table and writes bench/results/latest.json.
 
 Everything listens on 127.0.0.1 only and all traffic stays on loopback.
@@ -29,10 +38,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import grp
+import http.client
 import ipaddress
 import json
 import os
 import platform
+import pwd
 import re
 import resource
 import selectors
@@ -64,7 +76,16 @@ TARGETS = {
     "big_ratio": 0.40,
     "tls_connect_ratio": 0.65,
     "rss_kib_per_tunnel": 4.0,
+    "reverse_small_ratio": 0.25,
+    "reverse_big_ratio": 0.50,
 }
+
+MODES = ("forward", "reverse")
+TOOLS = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "curl": ["curl"]}
+# apache2-bin holds the server and its modules without the system service apache2 would start.
+REVERSE_TOOLS = {"apache2": ["apache2-bin", "apache2"]}
+APACHE_MODULES = Path("/usr/lib/apache2/modules")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class HarnessError(Exception):
@@ -80,9 +101,8 @@ def say(message: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def ensure_tools() -> dict[str, str]:
-    """Install wrk and nginx from Debian's packages if they are missing."""
-    wanted = {"wrk": ["wrk"], "nginx": ["nginx-light", "nginx"], "curl": ["curl"]}
+def ensure_tools(wanted: dict[str, list[str]]) -> dict[str, str]:
+    """Install the C{wanted} tools (name -> Debian packages to try) if they are missing."""
     missing = [tool for tool in wanted if not _which(tool)]
     if missing:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
@@ -105,7 +125,7 @@ def ensure_tools() -> dict[str, str]:
 
 
 def _which(tool: str) -> str | None:
-    # nginx lives in /usr/sbin, which may not be on a non-root PATH.
+    # nginx and apache2 live in /usr/sbin, which may not be on a non-root PATH.
     return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
@@ -262,6 +282,7 @@ http {{
     server {{
         listen {host}:{http_port} backlog=4096;
         root {prefix}/www;
+        location = /status {{ stub_status; }}
     }}
 
     server {{
@@ -284,6 +305,7 @@ class Nginx:
         self.key = key
         self.http_port = free_port()
         self.https_port = free_port()
+        self.status_queries = 0
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -324,6 +346,20 @@ class Nginx:
                 out.append(p.read_text(errors="replace")[-2000:])
         return "\n".join(out)
 
+    def counters(self) -> tuple[int, int]:
+        """Connections accepted and requests served so far (stub_status), less these queries."""
+        self.status_queries += 1
+        conn = http.client.HTTPConnection(HOST, self.http_port, timeout=10)
+        try:
+            conn.request("GET", "/status")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        m = re.search(r"^\s*(\d+) (\d+) (\d+)\s*$", text, re.M)
+        if not m:
+            raise HarnessError(f"nginx stub_status unreadable: {text!r}")
+        return int(m.group(1)) - self.status_queries, int(m.group(3)) - self.status_queries
+
     def stop(self) -> None:
         # SIGQUIT is nginx's graceful shutdown; SIGTERM its fast one.
         stop_process(self.proc, "nginx")
@@ -350,9 +386,10 @@ class Proxy:
         self.upstream_conns = upstream_conns
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
+    def config_text(self) -> str:
+        """The forward proxy's TOML config."""
         per_destination, total = self.upstream_conns
-        self.config.write_text(
+        return (
             "[forward]\n"
             f'listen = "tcp:{self.port}:interface={HOST}"\n'
             f"connect_ports = [{', '.join(str(p) for p in [443, *self.connect_ports])}]\n"
@@ -373,6 +410,9 @@ class Proxy:
             'action = "allow"\n'
             'networks = ["127.0.0.0/8"]\n'
         )
+
+    def start(self) -> None:
+        self.config.write_text(self.config_text())
         self.proc = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "mydataproxy", "--config", str(self.config)],
             cwd=str(self.directory),
@@ -449,6 +489,32 @@ class Proxy:
         }
 
 
+class ReverseProxy(Proxy):
+    """The proxy with the forward listener off and one reverse route C{/} -> C{backend}."""
+
+    def __init__(self, directory: Path, name: str, backend: str) -> None:
+        super().__init__(directory, name, [])
+        self.backend = backend
+
+    def config_text(self) -> str:
+        per_destination, total = self.upstream_conns
+        return (
+            "[forward]\n"
+            "enabled = false\n"
+            "\n[reverse]\n"
+            f'listen = "tcp:{self.port}:interface={HOST}"\n'
+            "\n[[reverse.routes]]\n"
+            'name = "bench"\n'
+            'prefix = "/"\n'
+            f"backends = [{json.dumps(self.backend)}]\n"
+            "\n[upstream]\n"
+            f"max_connections_per_destination = {per_destination}\n"
+            f"max_connections_total = {total}\n"
+            "\n[logging]\n"
+            f"access_log = {json.dumps(str(self.access_log))}\n"
+        )
+
+
 def _dedupe(lines: list[str]) -> list[str]:
     seen, out = set(), []
     for l in lines:
@@ -458,6 +524,161 @@ def _dedupe(lines: list[str]) -> list[str]:
             seen.add(key)
             out.append(l)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Apache httpd (mod_proxy), the peer of the reverse mode
+# ---------------------------------------------------------------------------
+
+
+# Debian's apache2.conf and mpm_event.conf values, except the client
+# keep-alive: no per-connection request cap (Debian: 100), as nginx and ours.
+APACHE_CONF = """\
+ServerRoot "{prefix}"
+DefaultRuntimeDir "{prefix}"
+PidFile "{prefix}/apache.pid"
+Mutex file:{prefix} default
+ServerName {host}
+Listen {host}:{port}
+{user}
+LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authn_core_module {modules}/mod_authn_core.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule proxy_module {modules}/mod_proxy.so
+LoadModule proxy_http_module {modules}/mod_proxy_http.so
+
+StartServers 2
+MinSpareThreads 25
+MaxSpareThreads 75
+ThreadLimit 64
+ThreadsPerChild 25
+MaxRequestWorkers 150
+MaxConnectionsPerChild 0
+
+Timeout 300
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 120
+
+ErrorLog "{prefix}/error.log"
+LogLevel warn
+LogFormat "%h %l %u %t \\"%r\\" %>s %O \\"%{{Referer}}i\\" \\"%{{User-Agent}}i\\"" combined
+CustomLog "{prefix}/access.log" combined
+
+# mod_proxy_http keeps its backend connections alive and reuses them (the
+# default; disablereuse=Off said out loud).
+ProxyRequests Off
+ProxyPass / http://{host}:{backend_port}/ disablereuse=Off
+"""
+
+
+class Apache:
+    """Apache httpd in the foreground, event MPM, ProxyPass / to the origin."""
+
+    def __init__(self, binary: str, prefix: Path, backend_port: int) -> None:
+        self.binary = binary
+        self.prefix = prefix
+        self.backend_port = backend_port
+        self.port = free_port()
+        self.access_log = prefix / "access.log"
+        self.error_log = prefix / "error.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        self.prefix.chmod(0o755)
+        if not (APACHE_MODULES / "mod_proxy_http.so").exists():
+            raise HarnessError(f"no mod_proxy_http.so in {APACHE_MODULES}")
+        conf = self.prefix / "apache.conf"
+        conf.write_text(APACHE_CONF.format(
+            prefix=self.prefix, host=HOST, port=self.port, user=_apache_user(),
+            modules=APACHE_MODULES, backend_port=self.backend_port,
+        ))
+        self.proc = subprocess.Popen(
+            [self.binary, "-d", str(self.prefix), "-f", str(conf), "-DFOREGROUND"],
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.prefix / "apache.out", "wb"),
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            preexec_fn=_child_limits,
+        )
+        try:
+            wait_port(self.port, self.proc, "apache2")
+        except HarnessError as e:
+            raise HarnessError(f"{self.tail()}\n{e}") from None
+
+    def tail(self) -> str:
+        out = []
+        for name in ("apache.out", "error.log"):
+            p = self.prefix / name
+            if p.exists():
+                out.append(p.read_text(errors="replace")[-2000:])
+        return "\n".join(out)
+
+    def problems(self) -> dict:
+        """The access log's statuses and what the error log said."""
+        statuses: dict[str, int] = {}
+        total = 0
+        if self.access_log.exists():
+            with open(self.access_log, errors="replace") as f:
+                for line in f:
+                    total += 1
+                    m = re.search(r'" (\d{3}) ', line)
+                    key = m.group(1) if m else "?"
+                    statuses[key] = statuses.get(key, 0) + 1
+        errors = self.error_log.read_text(errors="replace").splitlines() if self.error_log.exists() else []
+        return {
+            "access_log_lines": total,
+            "access_log_statuses": statuses,
+            "error_log_lines": len(errors),
+            "error_log_samples": _dedupe(errors)[:15],
+            "exit_code": self.proc.returncode if self.proc else None,
+        }
+
+    def stop(self) -> None:
+        stop_process(self.proc, "apache2")
+
+
+def _apache_user() -> str:
+    # Started as root, Apache's children must switch to someone; as anyone
+    # else they stay who they are and the directives would only warn.
+    if os.geteuid() != 0:
+        return ""
+    for user, group in (("www-data", "www-data"), ("nobody", "nogroup")):
+        try:
+            pwd.getpwnam(user)
+            grp.getgrnam(group)
+        except KeyError:
+            continue
+        return f"User {user}\nGroup {group}"
+    raise HarnessError("no www-data or nobody user for Apache's children")
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    User + system CPU time of C{pid} and its descendants so far, from /proc:
+    the live ones' own times plus the times of the children they reaped.
+    """
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            fields = text[text.rindex(")") + 2:].split()
+            # fields[1] is the parent pid; [11:15] utime, stime, cutime, cstime
+            stats[int(entry)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
+    if pid not in stats:
+        raise HarnessError(f"process {pid} is gone")
+    tree, total, frontier = {pid}, 0, [pid]
+    while frontier:
+        parent = frontier.pop()
+        total += stats[parent][1]
+        children = [p for p, (ppid, _) in stats.items() if ppid == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return total / CLOCK_TICKS
 
 
 # ---------------------------------------------------------------------------
@@ -678,16 +899,30 @@ def median(values: list[float]) -> float:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:
-    tools = ensure_tools()
+    tools = ensure_tools(dict(TOOLS, **(REVERSE_TOOLS if "reverse" in args.modes else {})))
     raise_nofile()
     say(f"tools: {tools}; RLIMIT_NOFILE={resource.getrlimit(resource.RLIMIT_NOFILE)}")
 
     ca, cert, key = make_certs(work)
     nginx = Nginx(tools["nginx"], work / "nginx", cert, key)
-    proxy: Proxy | None = None
+    result: dict = {}
     try:
         nginx.start()
         say(f"nginx on http {nginx.http_port}, https {nginx.https_port}")
+        if "forward" in args.modes:
+            result["forward"] = run_forward(args, work, tools, nginx, ca)
+        if "reverse" in args.modes:
+            result["reverse"] = run_reverse(args, work, tools, nginx)
+    finally:
+        nginx.stop()
+    result["nginx_errors"] = nginx.tail()[-2000:]
+    return result
+
+
+def run_forward(args: argparse.Namespace, work: Path, tools: dict[str, str], nginx: Nginx, ca: Path) -> dict:
+    """The forward mode: absolute-form, x-target-host, CONNECT + TLS, idle tunnels."""
+    proxy: Proxy | None = None
+    try:
         proxy = Proxy(work, "proxy", [nginx.https_port, nginx.http_port])
         proxy.start()
         say(f"proxy on {proxy.port} (pid {proxy.proc.pid}), access log {proxy.access_log}")
@@ -747,13 +982,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             + sum(r.get("invocations", 0) for r in runs["tls_connect"])
             + len(sanity)
         )
-        logged = main_problems["access_log_lines"]
-        main_problems["access_accounting"] = {
-            "completed_by_clients": completed,
-            "logged": logged,
-            "missing": max(0, completed - logged),
-            "extra (requests cut off when wrk stopped, or failures)": max(0, logged - completed),
-        }
+        main_problems["access_accounting"] = access_accounting(completed, main_problems["access_log_lines"])
         proxy = None
 
         tunnels = []
@@ -768,9 +997,165 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     finally:
         if proxy is not None:
             proxy.stop()
-        nginx.stop()
 
-    return summarise(args, runs, tunnels, main_problems, main_rss, sanity, nginx)
+    return summarise(args, runs, tunnels, main_problems, main_rss, sanity)
+
+
+def access_accounting(completed: int, logged: int) -> dict:
+    """Requests the clients saw completed against the access lines written for them."""
+    return {
+        "completed_by_clients": completed,
+        "logged": logged,
+        "missing": max(0, completed - logged),
+        "extra (requests cut off when wrk stopped, or failures)": max(0, logged - completed),
+    }
+
+
+def run_reverse(args: argparse.Namespace, work: Path, tools: dict[str, str], nginx: Nginx) -> dict:
+    """The reverse mode: nginx direct, through our reverse listener, through Apache's mod_proxy."""
+    ours = ReverseProxy(work, "reverse", f"http://{HOST}:{nginx.http_port}/")
+    apache = Apache(tools["apache2"], work / "apache", nginx.http_port)
+    try:
+        ours.start()
+        say(f"reverse proxy on {ours.port} (pid {ours.proc.pid}), access log {ours.access_log}")
+        apache.start()
+        say(f"apache2 on {apache.port} (pid {apache.proc.pid}), access log {apache.access_log}")
+        # Who is measured: the port wrk talks to, and the process tree whose CPU time counts.
+        peers = {
+            "direct": (nginx.http_port, nginx.proc.pid),
+            "ours": (ours.port, ours.proc.pid),
+            "apache": (apache.port, apache.proc.pid),
+        }
+        sanity = reverse_sanity(tools["curl"], {who: port for who, (port, _) in peers.items()})
+        for name, verdict in sanity.items():
+            say(f"sanity {name}: {verdict}")
+
+        script = wrk_script(work, "reverse", None)
+        warm = {who: run_wrk(tools["wrk"], f"http://{HOST}:{port}/small", script, 50, 1)
+                for who, (port, _) in peers.items()}
+        runs: dict[str, list[dict]] = {f"{size}_{who}": [] for size in ("small", "big") for who in peers}
+        for rep in range(1, args.reps + 1):
+            say(f"reverse repetition {rep}/{args.reps}")
+            # The two proxies swap places every repetition, so neither always follows direct.
+            order = ("direct", "ours", "apache") if rep % 2 else ("direct", "apache", "ours")
+            for size, connections, timeout in (("small", 50, "10s"), ("big", 4, "30s")):
+                for who in order:
+                    port, pid = peers[who]
+                    r = measured_wrk(tools["wrk"], f"http://{HOST}:{port}/{size}", script, connections,
+                                     args.duration, timeout, pid, nginx)
+                    runs[f"{size}_{who}"].append(r)
+                    flags = {k: r[k] for k in ("non2xx", "socket_errors") if r.get(k)}
+                    say(f"  {size}_{who:7s} {r['rps']:,.0f} req/s, p99 {r['p99_ms']:.1f} ms, "
+                        f"{r['per_cpu_s']:,.0f} req/CPU-s ({r['cpu_s']:.2f} CPU-s), "
+                        f"nginx accepted {r['backend_accepts']} connections{' ' + str(flags) if flags else ''}")
+        ours_rss = ours.rss_kib()
+        ours.stop()
+        apache.stop()
+        ours_problems = ours.problems()
+        apache_problems = apache.problems()
+        for who, problems in (("ours", ours_problems), ("apache", apache_problems)):
+            completed = (warm[who]["requests"] + sum(r["requests"] for k in (f"small_{who}", f"big_{who}") for r in runs[k])
+                         + sum(1 for name in sanity if name.startswith(who)))
+            problems["access_accounting"] = access_accounting(completed, problems["access_log_lines"])
+    finally:
+        ours.stop()
+        apache.stop()
+    return summarise_reverse(runs, sanity, ours_problems, ours_rss, apache_problems, apache)
+
+
+def measured_wrk(wrk: str, url: str, script: Path, connections: int, duration: float, timeout: str,
+                 pid: int, nginx: Nginx) -> dict:
+    """C{run_wrk}, with the CPU time C{pid}'s process tree spent and what nginx saw meanwhile."""
+    cpu_before = cpu_seconds(pid)
+    accepts_before, requests_before = nginx.counters()
+    r = run_wrk(wrk, url, script, connections, duration, timeout=timeout)
+    r["cpu_s"] = cpu_seconds(pid) - cpu_before
+    accepts_after, requests_after = nginx.counters()
+    r["backend_accepts"] = accepts_after - accepts_before
+    r["backend_requests"] = requests_after - requests_before
+    good = r["requests"] - r["status"]
+    r["per_cpu_s"] = good / r["cpu_s"] if r["cpu_s"] > 0 else float("nan")
+    return r
+
+
+def reverse_sanity(curl: str, ports: dict[str, int]) -> dict:
+    """One /small and one /big request to each peer, checked for status and size."""
+    out = {}
+    for who, port in ports.items():
+        for path, size in (("small", SMALL_SIZE), ("big", BIG_SIZE)):
+            cmd = [curl, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", f"http://{HOST}:{port}/{path}"]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+            got, expected = r.stdout.strip(), f"200 {size}"
+            out[f"{who} /{path}"] = ("ok" if r.returncode == 0 and got == expected else
+                                     f"FAILED: curl rc={r.returncode}, got {got!r}, expected {expected!r}: {r.stderr.strip()[:200]}")
+    return out
+
+
+def summarise_reverse(runs: dict[str, list[dict]], sanity: dict, ours_problems: dict, ours_rss: int,
+                      apache_problems: dict, apache: Apache) -> dict:
+    """The reverse table: each measure direct, ours and Apache, with the ratios and the targets."""
+    def med(name: str, key: str) -> float:
+        return median([r.get(key) for r in runs[name]])
+
+    def ratio(num: str, den: str, key: str) -> float:
+        # Median of per-repetition ratios: the runs of a repetition were back to back.
+        return median([a[key] / b[key] for a, b in zip(runs[num], runs[den]) if b.get(key)])
+
+    rows = []
+
+    def row(metric: str, size: str, key: str, unit: str, to_direct: bool, target: str, passed) -> None:
+        values = {who: med(f"{size}_{who}", key) for who in ("direct", "ours", "apache")}
+        ratios = {
+            "ours_ratio": ratio(f"{size}_ours", f"{size}_direct", key) if to_direct else None,
+            "apache_ratio": ratio(f"{size}_apache", f"{size}_direct", key) if to_direct else None,
+            "vs_apache": ratio(f"{size}_ours", f"{size}_apache", key) if unit != "ms" else None,
+        }
+        measured = passed(ratios) if passed else None
+        if passed is None:
+            verdict = "-"
+        elif measured != measured:
+            verdict = "ERROR"
+        else:
+            verdict = "PASS" if measured else "MISS"
+        rows.append({"metric": metric, "unit": unit, **values, **ratios, "target": target, "verdict": verdict,
+                     "pass": verdict == "PASS"})
+
+    def at_least(share: float):
+        return lambda r: r["ours_ratio"] >= share if r["ours_ratio"] == r["ours_ratio"] else float("nan")
+
+    def ahead(r: dict):
+        return r["vs_apache"] > 1 if r["vs_apache"] == r["vs_apache"] else float("nan")
+
+    small, big = TARGETS["reverse_small_ratio"], TARGETS["reverse_big_ratio"]
+    row("small keep-alive, wrk -c50 (req/s)", "small", "rps", "req/s", True, f">= {small:.2f} x direct", at_least(small))
+    row("small, requests per proxy CPU-second", "small", "per_cpu_s", "req/s", False, "ours > Apache", ahead)
+    row("small p99 latency (ms)", "small", "p99_ms", "ms", False, "-", None)
+    row("10 MiB, wrk -c4 (req/s)", "big", "rps", "req/s", True, f">= {big:.2f} x direct", at_least(big))
+    row("10 MiB (MB/s)", "big", "mbps", "MB/s", True, "-", None)
+    row("10 MiB, requests per proxy CPU-second", "big", "per_cpu_s", "req/s", False, "-", None)
+    row("10 MiB p99 latency (ms)", "big", "p99_ms", "ms", False, "-", None)
+
+    backend = {
+        name: {
+            "accepts": med(name, "backend_accepts"),
+            "requests_per_connection": median([r["backend_requests"] / r["backend_accepts"]
+                                               for r in rs if r["backend_accepts"]]),
+            "cpu_s": med(name, "cpu_s"),
+        }
+        for name, rs in runs.items()
+    }
+    return {
+        "rows": rows,
+        "errors": client_errors(runs),
+        "sanity": sanity,
+        "per_run": backend,
+        "ours_rss_after_load_kib": ours_rss,
+        "ours_problems": ours_problems,
+        "apache_problems": apache_problems,
+        "apache_errors": apache.tail()[-2000:],
+        "runs": {k: [_strip(r) for r in v] for k, v in runs.items()},
+        "wrk_output_sample": {k: v[-1].get("raw", "") for k, v in runs.items() if v and "raw" in v[-1]},
+    }
 
 
 def sanity_checks(curl: str, origin: str, proxy_port: int, tls_url: str, ca: Path) -> dict:
@@ -793,7 +1178,7 @@ def sanity_checks(curl: str, origin: str, proxy_port: int, tls_url: str, ca: Pat
     return out
 
 
-def summarise(args, runs, tunnels, main_problems, main_rss, sanity, nginx) -> dict:
+def summarise(args, runs, tunnels, main_problems, main_rss, sanity) -> dict:
     def med(name: str, key: str) -> float:
         return median([r.get(key) for r in runs[name]])
 
@@ -831,6 +1216,20 @@ def summarise(args, runs, tunnels, main_problems, main_rss, sanity, nginx) -> di
     row(f"RSS per idle CONNECT tunnel (KiB, {args.tunnels} tunnels)", None, per_tunnel, None,
         "<= 4 KiB", per_tunnel <= TARGETS["rss_kib_per_tunnel"], "KiB")
 
+    return {
+        "rows": rows,
+        "errors": client_errors(runs),
+        "sanity": sanity,
+        "proxy_rss_after_load_kib": main_rss,
+        "proxy_problems": main_problems,
+        "tunnels": tunnels,
+        "runs": {k: [_strip(r) for r in v] for k, v in runs.items()},
+        "wrk_output_sample": {k: v[-1].get("raw", "") for k, v in runs.items() if v and "raw" in v[-1]},
+    }
+
+
+def client_errors(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """What the clients saw go wrong, summed over the repetitions of each measurement."""
     errors = {}
     for name, rs in runs.items():
         e = {}
@@ -844,26 +1243,11 @@ def summarise(args, runs, tunnels, main_problems, main_rss, sanity, nginx) -> di
                 e["failed_runs"] = e.get("failed_runs", 0) + 1
                 e["last_error"] = r["error"]
         errors[name] = e
+    return errors
 
-    def strip(r: dict) -> dict:
-        return {k: v for k, v in r.items() if k != "raw"}
 
-    return {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_head(),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_at_end": os.getloadavg()},
-        "args": {"reps": args.reps, "duration": args.duration, "tunnels": args.tunnels},
-        "rows": rows,
-        "errors": errors,
-        "sanity": sanity,
-        "proxy_rss_after_load_kib": main_rss,
-        "proxy_problems": main_problems,
-        "tunnels": tunnels,
-        "runs": {k: [strip(r) for r in v] for k, v in runs.items()},
-        "wrk_output_sample": {k: v[-1].get("raw", "") for k, v in runs.items() if v and "raw" in v[-1]},
-        "nginx_errors": nginx.tail()[-2000:],
-    }
+def _strip(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "raw"}
 
 
 def _git_head() -> str:
@@ -889,44 +1273,41 @@ def fmt(value, unit) -> str:
     return f"{value:.2f}"
 
 
-def print_report(result: dict) -> None:
-    rows = result["rows"]
-    head = ("metric", "direct", "proxy", "ratio", "target", "result")
-    table = [head] + [
-        (r["metric"], fmt(r["direct"], r["unit"]), fmt(r["proxy"], r["unit"]),
-         "-" if r["ratio"] is None else f"{r['ratio']:.3f}", r["target"], r["verdict"])
-        for r in rows
-    ]
-    widths = [max(len(str(line[i])) for line in table) for i in range(len(head))]
-    print()
-    print(f"MyData Proxy benchmark ({result['args']['reps']} reps x {result['args']['duration']} s, "
-          f"medians; git {result['git']}; {result['machine']['cpus']} CPUs)")
+def print_table(table: list[tuple]) -> None:
+    """Rows of cells, the first one the head; the first column left-aligned, the others right."""
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(table[0]))]
     for i, line in enumerate(table):
         cells = [str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(line, widths))]
         print("  ".join(cells))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_report(result: dict) -> None:
+    print()
+    print(f"MyData Proxy benchmark ({result['args']['reps']} reps x {result['args']['duration']} s, "
+          f"medians; git {result['git']}; {result['machine']['cpus']} CPUs)")
+    if "forward" in result:
+        print_forward(result["forward"])
+    if "reverse" in result:
+        print_reverse(result["reverse"])
+
+
+def print_forward(result: dict) -> None:
+    print()
+    print("forward proxy")
+    head = ("metric", "direct", "proxy", "ratio", "target", "result")
+    print_table([head] + [
+        (r["metric"], fmt(r["direct"], r["unit"]), fmt(r["proxy"], r["unit"]),
+         "-" if r["ratio"] is None else f"{r['ratio']:.3f}", r["target"], r["verdict"])
+        for r in result["rows"]
+    ])
     print()
     print("sanity (one request of each form through the proxy):")
     for name, verdict in result["sanity"].items():
         print(f"  {name:15s} {verdict}")
-    print("errors seen by the clients (summed over reps):")
-    for name, e in result["errors"].items():
-        nonzero = {k: v for k, v in e.items() if v}
-        print(f"  {name:15s} {nonzero if nonzero else 'none'}")
-    p = result["proxy_problems"]
-    a = p["access_accounting"]
-    print(f"proxy (load run): access log {p['access_log_lines']} lines for {a['completed_by_clients']} requests/tunnels "
-          f"the clients completed (missing {a['missing']}), statuses {p['access_log_statuses']}; "
-          f"{p['suspicious_log_lines']} suspicious log lines; RSS after load {result['proxy_rss_after_load_kib']} KiB")
-    for exc, n in p["exceptions"].items():
-        print(f"    {n} x {exc}")
-    if p["tracebacks"]:
-        print("  first traceback (all distinct ones are in the JSON, proxy_problems.tracebacks):")
-        for line in p["tracebacks"][0].splitlines()[-14:]:
-            print(f"    {line.rstrip()[:200]}")
-    for line in [l for l in p["suspicious_samples"] if "Traceback" not in l and "Unhandled Error" not in l][:8]:
-        print(f"    {line[:200]}")
+    print_client_errors(result["errors"])
+    print_proxy_problems("proxy (load run)", result["proxy_problems"], result["proxy_rss_after_load_kib"])
     for t in result["tunnels"]:
         tp = t["problems"] or {}
         print(f"tunnels: opened {t['opened']}, alive after wait {t['alive_after_wait']}, failures {len(t['failures'])}"
@@ -937,15 +1318,76 @@ def print_report(result: dict) -> None:
     print()
 
 
+def print_reverse(result: dict) -> None:
+    def ratio(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    print()
+    print("reverse proxy: direct to nginx, through ours (one process), through Apache mod_proxy (event MPM)")
+    head = ("metric", "direct", "ours", "ours/direct", "Apache", "Apache/direct", "ours/Apache", "target", "result")
+    print_table([head] + [
+        (r["metric"], fmt(r["direct"], r["unit"]), fmt(r["ours"], r["unit"]), ratio(r["ours_ratio"]),
+         fmt(r["apache"], r["unit"]), ratio(r["apache_ratio"]), ratio(r["vs_apache"]), r["target"], r["verdict"])
+        for r in result["rows"]
+    ])
+    print("  (per CPU-second: the proxy's process tree, from /proc; for direct, nginx's own)")
+    print()
+    print("per run (medians): CPU seconds of the measured process tree; connections nginx accepted; requests per connection:")
+    for name, b in result["per_run"].items():
+        print(f"  {name:12s} {b['cpu_s']:6.2f} CPU-s  {b['accepts']:6.0f} connections  "
+              f"{b['requests_per_connection']:10,.0f} requests/connection")
+    print("sanity (one request of each size to each):")
+    for name, verdict in result["sanity"].items():
+        print(f"  {name:15s} {verdict}")
+    print_client_errors(result["errors"])
+    print_proxy_problems("ours", result["ours_problems"], result["ours_rss_after_load_kib"])
+    a = result["apache_problems"]
+    acc = a["access_accounting"]
+    print(f"Apache: access log {a['access_log_lines']} lines for {acc['completed_by_clients']} requests the clients "
+          f"completed (missing {acc['missing']}), statuses {a['access_log_statuses']}; "
+          f"{a['error_log_lines']} error log lines")
+    for line in a["error_log_samples"][:8]:
+        print(f"    {line[:200]}")
+    print()
+
+
+def print_client_errors(errors: dict[str, dict]) -> None:
+    print("errors seen by the clients (summed over reps):")
+    for name, e in errors.items():
+        nonzero = {k: v for k, v in e.items() if v}
+        print(f"  {name:15s} {nonzero if nonzero else 'none'}")
+
+
+def print_proxy_problems(label: str, p: dict, rss_kib: int) -> None:
+    a = p["access_accounting"]
+    print(f"{label}: access log {p['access_log_lines']} lines for {a['completed_by_clients']} requests/tunnels "
+          f"the clients completed (missing {a['missing']}), statuses {p['access_log_statuses']}; "
+          f"{p['suspicious_log_lines']} suspicious log lines; RSS after load {rss_kib} KiB")
+    for exc, n in p["exceptions"].items():
+        print(f"    {n} x {exc}")
+    if p["tracebacks"]:
+        print("  first traceback (all distinct ones are in the JSON, under tracebacks):")
+        for line in p["tracebacks"][0].splitlines()[-14:]:
+            print(f"    {line.rstrip()[:200]}")
+    for line in [l for l in p["suspicious_samples"] if "Traceback" not in l and "Unhandled Error" not in l][:8]:
+        print(f"    {line[:200]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (default 3)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     parser.add_argument("--tunnels", type=int, default=1000, help="idle tunnels for the RSS measure (default 1000)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated modes to run, of {', '.join(MODES)} (default all)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.duration <= 0 or args.tunnels < 1:
         parser.error("--reps, --duration and --tunnels must be positive")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown or not args.modes:
+        parser.error(f"--modes takes some of {', '.join(MODES)}; got {', '.join(unknown) or 'none'}")
 
     def terminated(signum, frame):
         raise SystemExit(f"signal {signum}")
@@ -968,7 +1410,15 @@ def main(argv: list[str] | None = None) -> int:
             say(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    result["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    result = {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git": _git_head(),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_at_end": os.getloadavg()},
+        "args": {"modes": args.modes, "reps": args.reps, "duration": args.duration, "tunnels": args.tunnels},
+        **result,
+        "elapsed_seconds": round(time.monotonic() - started, 1),
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "latest.json"
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
