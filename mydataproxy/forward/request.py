@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from mydataproxy.http import headers as rules
 from mydataproxy.http.target import Refusal, parseTarget
 from mydataproxy.server.request import ClientBodyThrottle, ProxiedRequest, logRefusal
-from mydataproxy.upstream.client import BodyFraming, UpstreamExchange
+from mydataproxy.upstream.client import UpstreamExchange
 
 # Never reflected by a TRACE the proxy answers itself.
 _SECRET_FIELDS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})
@@ -47,11 +47,10 @@ class ForwardRequest(ProxiedRequest):
         if maxForwards == 0:
             self._answerAsFinalRecipient()
             return
-        framing = self._frameBody()
         self._exchange = UpstreamExchange(
             proxy.pool,
-            self._upstreamHead(framing, maxForwards),
-            framing,
+            self._upstreamHead(maxForwards),
+            self._frameBody(),
             method=head.method,
             receiver=self,
             bodyProducer=ClientBodyThrottle(self.channel),
@@ -95,7 +94,7 @@ class ForwardRequest(ProxiedRequest):
             contentType = b"text/plain; charset=utf-8"
         self._writeOwnResponse(200, body, [(b"Content-Type", contentType)])
 
-    def _upstreamHead(self, framing: BodyFraming, maxForwards: int | None) -> bytes:
+    def _upstreamHead(self, maxForwards: int | None) -> bytes:
         head = self.head
         fields = rules.upstreamRequestFields(
             head,
@@ -103,14 +102,7 @@ class ForwardRequest(ProxiedRequest):
             self.target.destination.authority,
             self.channel.clientAddress().encode("ascii"),
         )
-        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, self.target.path)]
-        lines.extend(b"%s: %s\r\n" % field for field in fields)
         if maxForwards is not None:
-            lines.append(b"Max-Forwards: %d\r\n" % max(0, maxForwards - 1))
-        if framing is BodyFraming.CHUNKED:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif framing is BodyFraming.LENGTH:
-            lines.append(b"Content-Length: %d\r\n" % head.contentLength)
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            fields.append((b"Max-Forwards", b"%d" % max(0, maxForwards - 1)))
+        return self._upstreamHeadBytes(self.target.path, fields)
 

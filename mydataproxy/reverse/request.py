@@ -29,7 +29,7 @@ from mydataproxy.reverse.balancer import Backend, BackendGroup, WaitingRoom
 from mydataproxy.reverse.rewrite import FORWARDING_FIELDS, ClientSide, clientSide, forwardingFields, publicResponseFields
 from mydataproxy.reverse.routes import RouteTable, backendTarget, checkTarget, requestHost
 from mydataproxy.server.request import ClientBodyThrottle, Listener, ProxiedRequest, displayURI, logRefusal
-from mydataproxy.upstream.client import BodyFraming, UpstreamConnection, UpstreamError, UpstreamExchange
+from mydataproxy.upstream.client import UpstreamConnection, UpstreamError, UpstreamExchange
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -221,17 +221,10 @@ class ReverseRequest(ProxiedRequest):
         host = head.values(b"host")[0] if route.preserve_host and head.values(b"host") else destination.authority
         fields = rules.replacedRequestFields(head, FORWARDING_FIELDS, host, forwardingFields(self.side))
         target = backendTarget(self.backend.settings, route.prefix, self._rest)
-        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, target)]
-        lines.extend(b"%s: %s\r\n" % field for field in fields)
-        framing = self._frameBody()
         if self._upgrade is not None:
-            lines.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % self._upgrade)
-        elif framing is BodyFraming.CHUNKED:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif framing is BodyFraming.LENGTH:
-            lines.append(b"Content-Length: %d\r\n" % head.contentLength)
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            # An upgrade request has no body (checked in start): no framing fields.
+            fields += [(b"Connection", b"Upgrade"), (b"Upgrade", self._upgrade)]
+        return self._upstreamHeadBytes(target, fields)
 
     # What the backend sends
 

@@ -186,6 +186,22 @@ class ProxiedRequest:
             return BodyFraming.LENGTH
         return BodyFraming.NONE
 
+    def _upstreamHeadBytes(self, target: bytes, fields: rules.HeaderList) -> bytes:
+        """
+        The request head to send upstream: C{target}, C{fields} (the
+        caller's, framing excepted) and the framing from what was parsed.
+        """
+        head = self.head
+        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, target)]
+        lines.extend(b"%s: %s\r\n" % field for field in fields)
+        framing = self._frameBody()
+        if framing is BodyFraming.CHUNKED:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif framing is BodyFraming.LENGTH:
+            lines.append(b"Content-Length: %d\r\n" % head.contentLength)
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
     def _routed(self, destination: Destination, upstreamHead: bytes | None = None) -> None:
         """Send the request to C{destination} (with C{upstreamHead}, when it depends on it)."""
         if self._exchange is None or self._finished:
