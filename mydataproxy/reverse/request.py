@@ -310,12 +310,15 @@ class ReverseRequest(ProxiedRequest):
 class UpgradeTunnel:
     """
     The raw two-way relay after a 101: the client's connection and the
-    backend's, each the producer of the other's writes (back-pressure); the
-    client's half-close is passed on, and the tunnel ends when either side
-    closes.
+    backend's, each the producer of the other's writes (back-pressure).
+    Half-close is honoured both ways (TLS to the client has none: its end
+    is a close); the tunnel ends when both directions have, or either side
+    drops.
     """
 
-    __slots__ = ("request", "origin", "client", "lastActivity", "bytesIn", "bytesOut", "started")
+    __slots__ = (
+        "request", "origin", "client", "lastActivity", "bytesIn", "bytesOut", "started", "_clientEOF", "_originEOF",
+    )
 
     def __init__(self, request: ReverseRequest, origin: UpstreamConnection) -> None:
         self.request = request
@@ -325,6 +328,8 @@ class UpgradeTunnel:
         self.lastActivity = request.proxy.reactor.seconds()
         self.bytesIn = 0
         self.bytesOut = 0
+        self._clientEOF = False
+        self._originEOF = False
 
     @property
     def display(self) -> str:
@@ -346,11 +351,13 @@ class UpgradeTunnel:
         self.origin.write(data)
 
     def clientReadClosed(self) -> None:
+        self._clientEOF = True
         self.origin.unregisterProducer()
         if ITCPTransport.providedBy(self.origin) and not ISSLTransport.providedBy(self.origin):
             self.origin.loseWriteConnection()
         else:
             self.origin.loseConnection()
+        self._closeIfBothEnded()
 
     def clientLost(self, reason: Failure) -> None:
         proxy = self.request.proxy
@@ -368,6 +375,20 @@ class UpgradeTunnel:
         self.lastActivity = self.request.proxy.reactor.seconds()
         self.client.write(data)
 
+    def originReadClosed(self) -> None:
+        self._originEOF = True
+        self.client.unregisterProducer()
+        if ISSLTransport.providedBy(self.client):
+            self.client.loseConnection()
+            return
+        self.client.loseWriteConnection()
+        self._closeIfBothEnded()
+
     def originLost(self, reason: Failure) -> None:
         self.client.unregisterProducer()
         self.client.loseConnection()
+
+    def _closeIfBothEnded(self) -> None:
+        if self._clientEOF and self._originEOF:
+            self.client.loseConnection()
+            self.origin.loseConnection()

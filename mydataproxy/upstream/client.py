@@ -33,6 +33,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
@@ -40,7 +41,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from mydataproxy.config import UpstreamSettings
 from mydataproxy.egress.connect import connect
@@ -151,6 +152,8 @@ class RawSink(TypingProtocol):
     """Where an upgraded connection's bytes go."""
 
     def fromOrigin(self, data: bytes) -> None: ...
+
+    def originReadClosed(self) -> None: ...
 
     def originLost(self, reason: Failure) -> None: ...
 
@@ -360,8 +363,20 @@ class UpstreamConnection(Protocol):
         self.transport.write(head)
 
     def relayTo(self, sink: RawSink) -> None:
-        """After a 101: send every byte from the origin to C{sink}."""
+        """
+        After a 101: send every byte from the origin to C{sink}, and its
+        half-close (from now on the connection takes one).
+        """
         self._sink = sink
+        alsoProvides(self, IHalfCloseableProtocol)
+
+    def readConnectionLost(self) -> None:
+        """The origin half-closed an upgraded connection (see L{relayTo})."""
+        if self._sink is not None:
+            self._sink.originReadClosed()
+
+    def writeConnectionLost(self) -> None:
+        """Our half-close towards the origin completed; nothing to do."""
 
     # Receiving
 
@@ -413,10 +428,6 @@ class UpstreamConnection(Protocol):
             if pos < 0:
                 return
         while pos < end and self.exchange is exchange:
-            if self._sink is not None:
-                # Switched protocols: what follows the 101 head is raw.
-                self._sink.fromOrigin(data[pos:])
-                return
             state = self._state
             if state is _State.HEAD:
                 i = data.find(b"\r\n\r\n", pos, pos + MAX_RESPONSE_HEAD + 4)
@@ -457,6 +468,9 @@ class UpstreamConnection(Protocol):
                     return
                 line, pos = data[pos:i], i + 2
                 self._lineReceived(exchange, line, pos < end)
+        if self._sink is not None and pos < end:
+            # Switched protocols: what came right behind the 101 head is raw.
+            self._sink.fromOrigin(data[pos:])
 
     def _chunks(self, exchange: "UpstreamExchange", data: bytes, pos: int) -> int:
         """
