@@ -214,6 +214,8 @@ class ClientAccess:
 
     def trusts(self, peer: str) -> bool:
         """Is C{peer} (an address) one of the trusted proxies?"""
+        if not self._trusted:
+            return False
         try:
             return self._trusts(_ip(peer))
         except ValueError:
@@ -254,6 +256,7 @@ class ClientAccess:
         return Decision(False, f"{self._rule} (no match)")
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> IPAddress:
     ip = ipaddress.ip_address(text.strip("[]"))
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -120,7 +120,7 @@ class ReverseRequest(ProxiedRequest):
                 head.values(b"x-forwarded-proto"),
                 head.values(b"x-forwarded-port"),
                 b"https" if ISSLTransport.providedBy(self.channel.transport) else b"http",
-                self.channel.transport.getHost().port,
+                self.channel.localPort(),
             )
             upgrade = head.values(b"upgrade")
             if (

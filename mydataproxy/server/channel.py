@@ -212,7 +212,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
     __slots__ = (
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
-        "_processing", "_writesBlocked", "_readClosed", "_peer", "_certificate",
+        "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate",
     )
 
     def __init__(self, client: str) -> None:
@@ -233,6 +233,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self._writesBlocked = False
         self._readClosed = False
         self._peer = None
+        self._localPort: int | None = None
         self._certificate: str | None = None
 
     @property
@@ -249,6 +250,12 @@ class ProxyChannel(Protocol, TimeoutMixin):
         if self._peer is None:
             self._peer = self.transport.getPeer()
         return self._peer
+
+    def localPort(self) -> int:
+        """The port the client connected to (asked of the socket once)."""
+        if self._localPort is None:
+            self._localPort = getattr(self.transport.getHost(), "port", 0)
+        return self._localPort
 
     def clientCertificate(self) -> str:
         """The subject of the client's verified TLS certificate, or ''."""
