@@ -1,6 +1,6 @@
 """
 Unit tests of the forward listener (L{mydataproxy.forward.listener}) and its policy
-(L{mydataproxy.egress.policy}): pure validators, and a L{ForwardChannel} driven
+(L{mydataproxy.egress.policy}): pure validators, and a L{ProxyChannel} driven
 over an in-memory L{StringTransport} (no sockets, no reactor running).
 """
 
