@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def checkConfig(path: str) -> int:
         ]
         print(f"  {rule.name}: {rule.action} {' '.join(conditions) or '(everything)'}")
     print(f"  egress.default        {egress.default}")
-    print(f"  logging.access_log    {settings.logging.access_log}")
+    print(f"  logging.access_log    {settings.logging.accessPath(socket.gethostname())}")
     return 0
 
 

@@ -11,6 +11,7 @@ after that, in the reactor's "after shutdown" phase.
 from __future__ import annotations
 
 import signal
+import socket
 
 import txaio
 from twisted.application.service import MultiService, Service
@@ -94,7 +95,7 @@ class ProxyService(MultiService):
         self.material = material
         self.originTLS = material.originTLS
         self.serverTLS = material.serverTLS
-        self.accessLog = AccessLog(settings.logging.access_log, reactor)
+        self.accessLog = AccessLog(settings.logging.accessPath(socket.gethostname()), reactor)
         self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS)
         forwardSettings = settings.forward
         self.authenticator = (

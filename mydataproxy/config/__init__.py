@@ -15,6 +15,7 @@ from pathlib import Path
 from mydataproxy.config.legacy import loadProperties
 from mydataproxy.config.model import (
     ACTIONS,
+    AdminSettings,
     BALANCE,
     CLIENT_AUTH,
     ConfigError,
@@ -23,7 +24,9 @@ from mydataproxy.config.model import (
     EgressSettings,
     ForwardSettings,
     IPNetwork,
+    LOG_FORMATS,
     LOG_LEVELS,
+    LOG_TIMES,
     LimitSettings,
     LoggingSettings,
     MODES,

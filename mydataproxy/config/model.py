@@ -282,12 +282,69 @@ class UpstreamSettings:
     tls_profiles: tuple[OriginTLSProfile, ...] = ()
 
 
+LOG_FORMATS = ("keyvalue", "combined", "json")
+LOG_TIMES = ("utc", "local")
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
-    """Where the access log goes (a path, or C{"-"} for standard output)."""
+    """
+    Where the logs go and how they are kept.
 
-    access_log: str = STDOUT
+    @ivar directory: When set, the access and error logs are files there,
+        named by C{access_name} and C{error_name} (C{{host}} is this host's
+        name, so that instances sharing one EFS directory never write the
+        same file); created at start if missing.
+    @ivar access_log: The access log: a path, or C{"-"} for standard output;
+        L{None} means C{directory}/C{access_name} with a directory, else
+        C{"-"}.
+    @ivar error_log: The daemon's own log, likewise; C{""} leaves it to
+        twistd (its standard output, or C{--logfile}).
+    @ivar max_size: Rotate a file past this many bytes (0: never by size).
+    @ivar daily: Rotate at local midnight too.
+    @ivar keep: Rotated files kept per log (0: all).
+    @ivar max_age_days: Rotated files older than this are deleted (0: never).
+    @ivar queue_lines: Lines held for a log that cannot keep up (a hung
+        mount); beyond, lines are dropped and counted.
+    """
+
+    access_log: str | None = None
+    error_log: str | None = None
+    directory: str = ""
+    access_name: str = "access.{host}.log"
+    error_name: str = "error.{host}.log"
+    max_size: int = 100 * 1024 * 1024
+    daily: bool = True
+    keep: int = 30
+    max_age_days: float = 30.0
+    compress: bool = True
+    format: str = "keyvalue"
+    time: str = "utc"
     level: str = "info"
+    queue_lines: int = 65536
+
+    def accessPath(self, host: str) -> str:
+        """The access log's path (or C{"-"}) on host C{host}."""
+        if self.access_log is not None:
+            return self.access_log
+        if self.directory:
+            return f"{self.directory}/{self.access_name.format(host=host)}"
+        return STDOUT
+
+    def errorPath(self, host: str) -> str:
+        """The error log's path, C{"-"}, or C{""} (twistd's own) on host C{host}."""
+        if self.error_log is not None:
+            return self.error_log
+        if self.directory:
+            return f"{self.directory}/{self.error_name.format(host=host)}"
+        return ""
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin listener: health, readiness and metrics (loopback by default)."""
+
+    listen: str = "tcp:9100:interface=127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -318,6 +375,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    admin: AdminSettings | None = None
     notices: tuple[str, ...] = ()
     locations: tuple[tuple[str, str, int | None], ...] = ()
 

@@ -24,6 +24,7 @@ from mydataproxy.http.hosts import normaliseHost
 from mydataproxy.http.target import PATH, Refusal, parseURL
 from mydataproxy.config.model import (
     ACTIONS,
+    AdminSettings,
     BALANCE,
     CLIENT_AUTH,
     ConfigError,
@@ -31,7 +32,9 @@ from mydataproxy.config.model import (
     EgressSettings,
     ForwardSettings,
     IPNetwork,
+    LOG_FORMATS,
     LOG_LEVELS,
+    LOG_TIMES,
     LimitSettings,
     LoggingSettings,
     MODES,
@@ -642,16 +645,42 @@ def _upstream(check: _Checker, table: Mapping[str, Any], base: Path) -> Upstream
     return replace(defaults, **values)
 
 
+_LOG_NAME = re.compile(r"[A-Za-z0-9._{}-]+")
+
+
 def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSettings:
     defaults = LoggingSettings()
     values: dict[str, Any] = {}
     for key, value in table.items():
         dotted = f"logging.{key}"
-        if key == "access_log":
-            values[key] = resolvePath(check.string(dotted, value), base)
-            problem = logDirectoryProblem(values[key])
+        if key in ("access_log", "error_log"):
+            values[key] = "" if value == "" and key == "error_log" else resolvePath(check.string(dotted, value), base)
+            problem = logDirectoryProblem(values[key]) if values[key] else None
             if problem:
                 raise check.error(dotted, problem)
+        elif key == "directory":
+            values[key] = resolvePath(check.string(dotted, value), base)
+            if Path(values[key]).exists() and not Path(values[key]).is_dir():
+                raise check.error(dotted, f"{values[key]} is not a directory")
+        elif key in ("access_name", "error_name"):
+            name = check.string(dotted, value)
+            try:
+                formatted = name.format(host="h")
+            except (KeyError, IndexError, ValueError):
+                raise check.error(dotted, f"{name!r}: only {{host}} may be substituted") from None
+            if not _LOG_NAME.fullmatch(name) or formatted in (".", ".."):
+                raise check.error(dotted, f"{name!r} must be a file name (letters, digits, . _ - and {{host}})")
+            values[key] = name
+        elif key in ("max_size", "keep", "queue_lines"):
+            values[key] = check.number(dotted, value, 1 if key == "queue_lines" else 0, integer=True)
+        elif key == "max_age_days":
+            values[key] = check.number(dotted, value, 0, integer=False)
+        elif key in ("daily", "compress"):
+            values[key] = check.boolean(dotted, value)
+        elif key == "format":
+            values[key] = check.choice(dotted, value, LOG_FORMATS)
+        elif key == "time":
+            values[key] = check.choice(dotted, value, LOG_TIMES)
         elif key == "level":
             level = check.string(dotted, value).lower()
             if level not in LOG_LEVELS:
@@ -660,6 +689,17 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def _admin(check: _Checker, table: Mapping[str, Any]) -> AdminSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"admin.{key}"
+        if key == "listen":
+            values[key] = check.string(dotted, value)
+        else:
+            raise check.error(dotted, "unknown key")
+    return AdminSettings(**values)
 
 
 def logDirectoryProblem(path: str) -> str | None:
@@ -777,6 +817,8 @@ def settingsFromMapping(
             sections[name] = _upstream(check, table, base)
         elif name == "logging":
             sections[name] = _logging(check, table, base)
+        elif name == "admin":
+            sections[name] = _admin(check, table)
         elif name != "reverse":
             raise check.error(name, "unknown section")
     if "reverse" in document:
@@ -819,6 +861,11 @@ def validate(settings: Settings, check: _Checker) -> None:
             raise check.error("reverse.listen", str(e)) from None
     elif not settings.forward.enabled:
         raise check.error("forward.enabled", "is false and there is no [reverse] section: nothing to serve")
+    if settings.admin is not None:
+        try:
+            parseListen(settings.admin.listen)
+        except ValueError as e:
+            raise check.error("admin.listen", str(e)) from None
     users = {user for rule in settings.egress.rules for user in rule.users}
     if users and not settings.forward.auth_file:
         raise check.error("egress.rules", "rules name users, but forward.auth_file is not set")

@@ -117,7 +117,7 @@ def test_tomlEmptyIsDefaults(tmp_path: Path) -> None:
     settings = config.load(write(tmp_path, "# nothing\n"))
     assert settings == Settings(source=str(tmp_path / "mydataproxy.toml"))
     assert settings.forward.listen == "tcp:9000:interface=127.0.0.1"
-    assert settings.logging.access_log == "-"
+    assert settings.logging.access_log is None and settings.logging.accessPath("h") == "-"
 
 
 def test_tomlStdoutAccessLog(tmp_path: Path) -> None:
