@@ -19,6 +19,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from mydataproxy.egress.auth import ProxyAuthenticator
@@ -26,7 +27,7 @@ from mydataproxy.config import Settings
 from mydataproxy.forward.listener import ForwardProxy
 from mydataproxy.reverse.listener import ReverseProxy
 from mydataproxy.tls.listener import TLSListener
-from mydataproxy.ops.logs import AccessLog
+from mydataproxy.ops.logs import AccessLog, ErrorLog
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.upstream.client import UpstreamPool
@@ -95,7 +96,10 @@ class ProxyService(MultiService):
         self.material = material
         self.originTLS = material.originTLS
         self.serverTLS = material.serverTLS
-        self.accessLog = AccessLog(settings.logging.accessPath(socket.gethostname()), reactor)
+        host = socket.gethostname()
+        self.accessLog = AccessLog(settings.logging.accessPath(host), reactor, settings.logging)
+        errorPath = settings.logging.errorPath(host)
+        self.errorLog = ErrorLog(errorPath, reactor, settings.logging) if errorPath else None
         self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS)
         forwardSettings = settings.forward
         self.authenticator = (
@@ -149,9 +153,35 @@ class ProxyService(MultiService):
         self.reactor.addSystemEventTrigger("after", "shutdown", self._stopLast)
         # twistd leaves SIGHUP at its default, which kills the process.
         signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reloadTLS))
+        # SIGUSR1: reopen our logs (after logrotate's rename); twistd's own
+        # handler, if it set one for --logfile, still runs.
+        previous = signal.getsignal(signal.SIGUSR1)
+
+        def reopen(signum, frame) -> None:
+            self.reactor.callFromThread(self.reopenLogs)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGUSR1, reopen)
+
+    def reopenLogs(self) -> None:
+        """Open the log files afresh (SIGUSR1)."""
+        log.info("SIGUSR1: reopening the log files")
+        for each in (self.accessLog, self.errorLog):
+            if each is not None:
+                each.reopen()
 
     def privilegedStartService(self) -> None:
         txaio.set_global_log_level(self.settings.logging.level)
+        for each in (self.errorLog, self.accessLog):
+            if each is None:
+                continue
+            try:
+                each.start()
+            except OSError as e:
+                raise ListenerError(f"mydataproxy: cannot open the log {each.path}: {e}") from None
+        if self.errorLog is not None:
+            globalLogPublisher.addObserver(self.errorLog)
         log.info("configuration from {source}", source=self.settings.source)
         for notice in self.settings.notices:
             log.warn("{notice}", notice=notice)
@@ -163,7 +193,6 @@ class ProxyService(MultiService):
             if holder is not None:
                 holder.report()
         self.originTLS.report()
-        self.accessLog.start()
         super().privilegedStartService()
 
     def stopService(self) -> Deferred:
@@ -176,6 +205,9 @@ class ProxyService(MultiService):
         if self.authenticator is not None:
             self.authenticator.stop()
         self.accessLog.stop()
+        if self.errorLog is not None:
+            globalLogPublisher.removeObserver(self.errorLog)
+            self.errorLog.stop()
 
 
 def makeService(settings: Settings, material: Material | None = None, reactor=None) -> ProxyService:

@@ -1,31 +1,46 @@
 """
-The access log: one line per request or tunnel, written off the reactor.
+The access and error logs: lines are formatted on the reactor thread and
+written by a writer thread per log, so a slow or hung log disk (EFS is a
+hard NFS mount) never stalls traffic.
 
-Lines are gathered on the reactor thread and handed, a batch at a time,
-through a bounded queue to a writer thread, so a slow or hung log disk (EFS
-is a hard NFS mount) never stalls traffic; when the queue is full, lines are
-dropped and counted rather than blocking.
+L{LogWriter} is the mechanism: lines are gathered and handed, a batch at a
+time, through a bounded queue (C{logging.queue_lines}) to the writer
+thread, which writes, rotates, gzips and prunes (L{RotatingFile}) and
+reopens a file renamed away (SIGUSR1, and a check of the path every few
+seconds).  When the queue is full, lines are dropped and counted, never
+waited for; a write that fails loses its lines, counted too.  Once a minute
+a warning with the counts goes to standard error (journald: the log itself
+may be what is failing), and when lines go through again one line says how
+many were lost.
 
 The writer thread never calls twisted.logger (which belongs to the reactor
-thread): it hands what it has to say to the reactor with C{callFromThread},
-once per run of failures.  L{AccessLog.stop} waits a bounded time for the
-writer and says how many lines it gave up on.
+thread): it hands what it has to say to the reactor with C{callFromThread}.
+L{LogWriter.stop} waits a bounded time for the writer and says how many
+lines it gave up on.
+
+L{AccessLog} formats access records (C{keyvalue}, Apache's C{combined},
+or C{json}); L{ErrorLog} is a twisted.logger observer that writes the
+daemon's own events to the error log.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import sys
 import threading
 import time
-from typing import TextIO, Union
+from typing import Callable, Union
 
 import txaio
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, formatEventAsClassicLogText
+from zope.interface import implementer
 
-from mydataproxy.config import STDOUT
+from mydataproxy.config import STDOUT, LoggingSettings
+from mydataproxy.ops.logfile import RotatingFile
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -35,47 +50,90 @@ BATCH_LINES = 256
 FLUSH_SECONDS = 0.2
 # How long stopping waits for the writer (a hung mount must not hang shutdown).
 STOP_SECONDS = 2.0
+# How often lost lines are reported on standard error.
+REPORT_SECONDS = 60.0
+# How often the writer checks that the path still names its file.
+MOVED_CHECK_SECONDS = 5.0
 _STOP = None
 
 Reactor = Union[IReactorTime, IReactorFromThreads]
 
 
-class AccessLog:
+class Timestamps:
+    """ISO 8601 timestamps with milliseconds, in UTC (C{Z}) or local time with its offset."""
+
+    def __init__(self, local: bool) -> None:
+        self.local = local
+        self._stamp: tuple[int, tuple[str, str]] = (0, ("", ""))
+
+    def __call__(self, now: float | None = None) -> str:
+        if now is None:
+            now = time.time()
+        second = int(now)
+        if self._stamp[0] != second:
+            if self.local:
+                parts = time.localtime(second)
+                offset = time.strftime("%z", parts)
+                text = time.strftime("%Y-%m-%dT%H:%M:%S", parts), f"{offset[:3]}:{offset[3:]}"
+            else:
+                text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), "Z"
+            self._stamp = (second, text)
+        stamp, zone = self._stamp[1]
+        return f"{stamp}.{int((now - second) * 1000):03d}{zone}"
+
+
+class LogWriter:
     """
-    Formats access records and hands them to a writer thread.
+    One log's bounded queue and writer thread.
 
     @param path: A file to append to, or C{"-"} for standard output.
-    @param reactor: Schedules the periodic hand-over of gathered lines
-        (C{IReactorTime}) and takes the writer's messages
+    @param name: What the log is called in messages (C{access log}).
+    @param reactor: Schedules the hand-over of gathered lines and the loss
+        reports (C{IReactorTime}), and takes the writer's messages
         (C{IReactorFromThreads}).
-    @ivar dropped: lines dropped because the writer was not keeping up.
-    @ivar lost: lines the writer could not write (counted by the writer).
+    @ivar dropped: Lines dropped because the writer was not keeping up.
+    @ivar lost: Lines the writer could not write (counted by the writer).
     """
 
-    def __init__(self, path: str, reactor: Reactor) -> None:
+    def __init__(
+        self, path: str, name: str, reactor: Reactor, settings: LoggingSettings,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
+        self.name = name
+        self.settings = settings
         self.dropped = 0
         self.lost = 0
         self._reactor = reactor
-        self._queue: queue.Queue[list[str] | None] = queue.Queue(QUEUE_BATCHES)
+        self._queue: queue.Queue[list[str] | None] = queue.Queue(max(1, settings.queue_lines // BATCH_LINES))
         self._thread: threading.Thread | None = None
         self._batch: list[str] = []
         self._handed = 0
         # Written by the writer thread only, as is lost: lines it is done with.
         self._done = 0
+        self._file = None if path == STDOUT else RotatingFile(path, settings, now)
+        self._reopen = threading.Event()
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = reactor
-        self._stamp = (0, "")
+        self._reporter = LoopingCall(self._report)
+        self._reporter.clock = reactor
+        self._reported = (0, 0)
+        self._dropping = False
 
     def start(self) -> None:
         """Open the file (raising if it can't be) and start the writer."""
-        # Under twistd sys.stdout is the log system; the real stdout is fd 1.
-        stream = sys.__stdout__ if self.path == STDOUT else open(self.path, "a", encoding="utf-8")
-        self._thread = threading.Thread(
-            target=self._write, args=(stream,), name="access-log", daemon=True
-        )
+        if self._file is not None:
+            self._file.open(createDirectory=True)
+        self._thread = threading.Thread(target=self._write, name=self.name.replace(" ", "-"), daemon=True)
         self._thread.start()
         self._flusher.start(FLUSH_SECONDS, now=False)
+        self._reporter.start(REPORT_SECONDS, now=False)
+
+    def add(self, line: str) -> None:
+        """Gather one line (ending in a newline); never blocks."""
+        self._batch.append(line)
+        if len(self._batch) >= BATCH_LINES:
+            self.flush()
 
     def flush(self) -> None:
         """Hand the lines gathered so far to the writer thread."""
@@ -86,14 +144,34 @@ class AccessLog:
             self._queue.put_nowait(batch)
         except queue.Full:
             self.dropped += len(batch)
-            log.warn(
-                "access log {path} is not keeping up: {n} lines dropped ({total} in all)",
-                path=self.path,
-                n=len(batch),
-                total=self.dropped,
-            )
+            if not self._dropping:
+                self._dropping = True
+                log.warn("{name} {path} is not keeping up: dropping lines", name=self.name, path=self.path)
         else:
             self._handed += len(batch)
+            if self._dropping:
+                self._dropping = False
+                log.warn(
+                    "{name} {path} takes lines again; {dropped} dropped, {lost} not written in all",
+                    name=self.name, path=self.path, dropped=self.dropped, lost=self.lost,
+                )
+
+    def reopen(self) -> None:
+        """Have the writer open the path afresh (SIGUSR1: after an outside rename)."""
+        self._reopen.set()
+
+    def _report(self) -> None:
+        """Once a minute: say on standard error what was lost since the last report."""
+        dropped, lost = self._reported
+        if (self.dropped, self.lost) == (dropped, lost):
+            return
+        self._reported = (self.dropped, self.lost)
+        sys.__stderr__.write(
+            f"mydataproxy: {self.name} {self.path}: {self.dropped - dropped} lines dropped and "
+            f"{self.lost - lost} not written in the last {REPORT_SECONDS:g} s "
+            f"({self.dropped} and {self.lost} in all)\n"
+        )
+        sys.__stderr__.flush()
 
     def stop(self, timeout: float | None = None) -> None:
         """
@@ -103,8 +181,9 @@ class AccessLog:
         """
         if timeout is None:
             timeout = STOP_SECONDS
-        if self._flusher.running:
-            self._flusher.stop()
+        for call in (self._flusher, self._reporter):
+            if call.running:
+                call.stop()
         self.flush()
         thread, self._thread = self._thread, None
         if thread is None:
@@ -117,14 +196,116 @@ class AccessLog:
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             log.error(
-                "access log {path}: the writer is stuck; giving up on it after {timeout} s, "
+                "{name} {path}: the writer is stuck; giving up on it after {timeout} s, "
                 "{lost} lines not written",
+                name=self.name,
                 path=self.path,
                 timeout=timeout,
                 lost=self._handed - self._done + self.lost,
             )
         elif self.lost:
-            log.warn("access log {path}: {lost} lines could not be written", path=self.path, lost=self.lost)
+            log.warn("{name} {path}: {lost} lines could not be written", name=self.name, path=self.path, lost=self.lost)
+
+    # The writer thread.
+
+    def _write(self) -> None:
+        # A run of failures is reported once when it starts and once when
+        # it ends, through the reactor: twisted.logger is not for other threads.
+        failing = False
+        checked = time.monotonic()
+        while True:
+            try:
+                batch = self._queue.get(timeout=MOVED_CHECK_SECONDS)
+            except queue.Empty:
+                batch = []
+            if batch is _STOP:
+                self._close()
+                return
+            try:
+                if self._file is not None:
+                    if self._reopen.is_set():
+                        self._reopen.clear()
+                        self._file.reopen()
+                    elif time.monotonic() - checked >= MOVED_CHECK_SECONDS:
+                        checked = time.monotonic()
+                        self._file.reopenIfMoved()
+                if batch:
+                    data = "".join(batch).encode("utf-8", "replace")
+                    if self._file is None:
+                        sys.__stdout__.buffer.write(data)
+                        sys.__stdout__.buffer.flush()
+                    else:
+                        self._file.write(data)
+            except (OSError, ValueError) as e:
+                self.lost += len(batch)
+                if self._file is not None:
+                    self._closeQuietly()
+                if not failing:
+                    failing = True
+                    self._reactor.callFromThread(self._writeFailed, str(e))
+            else:
+                if failing and batch:
+                    failing = False
+                    self._reactor.callFromThread(self._writeRecovered)
+            self._done += len(batch)
+
+    def _closeQuietly(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass  # what it still held failed before, and is counted
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._closeQuietly()
+
+    def _writeFailed(self, error: str) -> None:
+        log.error(
+            "{name} {path} write failed: {e}; lines are lost until it works again",
+            name=self.name, path=self.path, e=error,
+        )
+
+    def _writeRecovered(self) -> None:
+        log.warn("{name} {path} is written again ({lost} lines lost in all)", name=self.name, path=self.path, lost=self.lost)
+
+
+class AccessLog:
+    """
+    One access line per request or tunnel, in the configured format.
+
+    @param path: A file, or C{"-"} for standard output.
+    """
+
+    def __init__(
+        self, path: str, reactor: Reactor, settings: LoggingSettings | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if settings is None:
+            settings = LoggingSettings(queue_lines=QUEUE_BATCHES * BATCH_LINES)
+        self.path = path
+        self.writer = LogWriter(path, "access log", reactor, settings, now)
+        self._timestamp = Timestamps(settings.time == "local")
+        self._format = {"keyvalue": self._keyValue, "combined": self._combined, "json": self._json}[settings.format]
+
+    @property
+    def dropped(self) -> int:
+        return self.writer.dropped
+
+    @property
+    def lost(self) -> int:
+        return self.writer.lost
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def reopen(self) -> None:
+        self.writer.reopen()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.writer.stop(timeout)
 
     def record(
         self,
@@ -137,58 +318,83 @@ class AccessLog:
         seconds: float,
         upstream: str,
         certificate: str = "",
+        transaction: str = "",
+        userAgent: str = "",
     ) -> None:
-        """Gather one access line; never blocks."""
+        """
+        Gather one access line; never blocks.
+
+        @param transaction: The MyData transaction id (C{x-api-tran-id}).
+        """
+        self.writer.add(
+            self._format(client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
+                         transaction, userAgent)
+        )
+
+    def _keyValue(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
+                  transaction, userAgent) -> str:
         line = (
             f"{self._timestamp()} client={client} method={_quoted(method)} target={_quoted(target)} "
             f"status={status} in={bytesIn} out={bytesOut} ms={seconds * 1000:.1f} "
             f"upstream={upstream or '-'}"
-            + (f" cert={_quoted(certificate)}\n" if certificate else "\n")
         )
-        self._batch.append(line)
-        if len(self._batch) >= BATCH_LINES:
-            self.flush()
+        if certificate:
+            line += f" cert={_quoted(certificate)}"
+        if transaction:
+            line += f" tran_id={_quoted(transaction)}"
+        if userAgent:
+            line += f" ua={_quoted(userAgent)}"
+        return line + "\n"
 
-    def _timestamp(self) -> str:
-        now = time.time()
-        second = int(now)
-        if self._stamp[0] != second:
-            self._stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        return f"{self._stamp[1]}.{int((now - second) * 1000):03d}Z"
+    def _combined(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
+                  transaction, userAgent) -> str:
+        # Apache's: host ident user [time] "request" status bytes "referer" "agent".
+        host = client.rpartition(":")[0] or client
+        stamp = _apacheTime(self._timestamp.local)
+        request = _inQuotes(f"{method} {target} HTTP/1.1")
+        return f'{host} - - [{stamp}] "{request}" {status} {bytesOut or "-"} "-" "{_inQuotes(userAgent or "-")}"\n'
 
-    def _write(self, stream: TextIO) -> None:
-        # The writer thread.  A run of failures is reported once when it
-        # starts and once when it ends, through the reactor: twisted.logger
-        # is not for other threads.
-        failing = False
-        while True:
-            batch = self._queue.get()
-            if batch is _STOP:
-                if stream is not sys.__stdout__:
-                    try:
-                        stream.close()
-                    except (OSError, ValueError):
-                        pass  # what it still held failed before, and is counted
-                return
-            try:
-                stream.write("".join(batch))
-                stream.flush()
-            except (OSError, ValueError) as e:
-                self.lost += len(batch)
-                if not failing:
-                    failing = True
-                    self._reactor.callFromThread(self._writeFailed, str(e))
-            else:
-                if failing:
-                    failing = False
-                    self._reactor.callFromThread(self._writeRecovered)
-            self._done += len(batch)
+    def _json(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
+              transaction, userAgent) -> str:
+        fields = {
+            "time": self._timestamp(), "client": client, "method": method, "target": target, "status": status,
+            "in": bytesIn, "out": bytesOut, "ms": round(seconds * 1000, 1), "upstream": upstream or None,
+        }
+        for key, value in (("cert", certificate), ("tran_id", transaction), ("ua", userAgent)):
+            if value:
+                fields[key] = value
+        # ensure_ascii: every control and line-separator character escaped.
+        return json.dumps(fields, ensure_ascii=True, separators=(",", ":")) + "\n"
 
-    def _writeFailed(self, error: str) -> None:
-        log.error("access log {path} write failed: {e}; lines are lost until it works again", path=self.path, e=error)
 
-    def _writeRecovered(self) -> None:
-        log.warn("access log {path} is written again ({lost} lines lost in all)", path=self.path, lost=self.lost)
+def _apacheTime(local: bool) -> str:
+    now = time.time()
+    parts = time.localtime(now) if local else time.gmtime(now)
+    return time.strftime("%d/%b/%Y:%H:%M:%S ", parts) + (time.strftime("%z", parts) if local else "+0000")
+
+
+@implementer(ILogObserver)
+class ErrorLog:
+    """The daemon's own log events, one line each (tracebacks after), to the error log."""
+
+    def __init__(self, path: str, reactor: Reactor, settings: LoggingSettings, now=time.time) -> None:
+        self.path = path
+        self.writer = LogWriter(path, "error log", reactor, settings, now)
+        self._timestamp = Timestamps(settings.time == "local")
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def reopen(self) -> None:
+        self.writer.reopen()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.writer.stop(timeout)
+
+    def __call__(self, event: dict) -> None:
+        text = formatEventAsClassicLogText(event, formatTime=lambda when: self._timestamp(when))
+        if text:
+            self.writer.add(text)
 
 
 # Quoted: empty values and those with a space, quote or backslash.  Escaped
@@ -210,3 +416,8 @@ def _quoted(value: str) -> str:
     if value and not _NEEDS_QUOTING.search(value):
         return value
     return '"' + _ESCAPED.sub(_escape, value) + '"'
+
+
+def _inQuotes(value: str) -> str:
+    """A value for inside quotes (combined format): quote, backslash and controls escaped."""
+    return _ESCAPED.sub(_escape, value)
