@@ -164,6 +164,18 @@ def _path(text: str) -> str:
     return text
 
 
+_SIZE = re.compile(r"(\d+)\s*(B|KB|MB|GB|TB)?", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def _dataSize(text: str) -> int:
+    # Spring's DataSize: digits with an optional B, KB, MB, GB or TB (powers of 1024).
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError("must be a size such as 10MB")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+
+
 # key -> (section, field, converter); "listen" is assembled afterwards.
 _MAPPED: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "server.port": ("listen", "port", _port),
@@ -179,6 +191,11 @@ _MAPPED: dict[str, tuple[str, str, Callable[[str], object]]] = {
     "proxy.httpclient.maxConnTotal": (
         "upstream", "max_connections_total", lambda t: _integer(t, 1)),
     "logging.file.name": ("logging", "access_log", _path),
+    # Spring Boot before 2.4, and since: the rolling policy of the log file.
+    "logging.file.max-size": ("logging", "max_size", _dataSize),
+    "logging.logback.rollingpolicy.max-file-size": ("logging", "max_size", _dataSize),
+    "logging.file.max-history": ("logging", "keep", lambda t: _integer(t, 0)),
+    "logging.logback.rollingpolicy.max-history": ("logging", "keep", lambda t: _integer(t, 0)),
 }
 
 # TLS keys, gathered and mapped together once the whole file is read.
@@ -192,7 +209,10 @@ _TLS = {
 _NOT_YET = "is not supported yet and is ignored"
 _NOTICED = {
     key: _NOT_YET
-    for key in ("proxy.httpclient.disableContentCompression", "logging.file.max-size", "debug")
+    for key in (
+        "proxy.httpclient.disableContentCompression", "debug",
+        "logging.file.total-size-cap", "logging.logback.rollingpolicy.total-size-cap",
+    )
 }
 _NOTICED["spring.application.name"] = "has no meaning here and is ignored"
 _NOTICED["server.ssl.reloadShell"] = (

@@ -466,12 +466,31 @@ def test_propertiesLogFile(tmp_path: Path) -> None:
 
 UNSUPPORTED = [
     "proxy.httpclient.disableContentCompression",
-    "logging.file.max-size",
+    "logging.file.total-size-cap",
     "logging.level.root",
     "logging.level.org.apache.http",
     "logging.level.httpclient.wire",
     "debug",
 ]
+
+
+@pytest.mark.parametrize(
+    "lines, size, keep",
+    [
+        ("logging.file.max-size=10MB\n", 10 * 1024**2, 30),
+        ("logging.logback.rollingpolicy.max-file-size=512KB\nlogging.logback.rollingpolicy.max-history=7\n",
+         512 * 1024, 7),
+        ("logging.file.max-size=2048\nlogging.file.max-history=0\n", 2048, 0),
+    ],
+)
+def test_propertiesLogRotationKeys(tmp_path: Path, lines: str, size: int, keep: int) -> None:
+    """Spring's rolling-policy keys map onto the proxy's own rotation."""
+    settings = props(tmp_path, lines)
+    assert (settings.logging.max_size, settings.logging.keep) == (size, keep)
+
+
+def test_propertiesBadLogSize(tmp_path: Path) -> None:
+    propsError(tmp_path, "logging.file.max-size=ten\n", "logging.file.max-size", 1, "size such as 10MB")
 
 
 @pytest.mark.parametrize("key", UNSUPPORTED)
