@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
+import tomllib
 from pathlib import Path
 
 from mydataproxy import config, material
+from mydataproxy.config.dump import settingsToToml
 
 
 def checkConfig(path: str) -> int:
@@ -54,6 +57,86 @@ def checkConfig(path: str) -> int:
         print(f"  {rule.name}: {rule.action} {' '.join(conditions) or '(everything)'}")
     print(f"  egress.default        {egress.default}")
     print(f"  logging.access_log    {settings.logging.accessPath(socket.gethostname())}")
+    return 0
+
+
+def _aboutSettings(settings: config.Settings) -> config.Settings:
+    """C{settings} without what describes their file (source, notices, locations)."""
+    return dataclasses.replace(settings, source="", notices=(), locations=())
+
+
+def _warn(settings: config.Settings) -> None:
+    """The notices of loading C{settings}, on standard error."""
+    for notice in settings.notices:
+        print(f"warning: {notice}", file=sys.stderr)
+
+
+def _storeRefs(value: object) -> list[config.StoreRef]:
+    """Every key and trust store reference in a settings value."""
+    if isinstance(value, config.StoreRef):
+        return [value]
+    if isinstance(value, tuple):
+        return [ref for item in value for ref in _storeRefs(item)]
+    if dataclasses.is_dataclass(value):
+        return [ref for field in dataclasses.fields(value) for ref in _storeRefs(getattr(value, field.name))]
+    return []
+
+
+def migrate(path: str, out: str | None, force: bool) -> int:
+    """
+    C{mydataproxy migrate}: write the native TOML equivalent of a config
+    file (the Java product's C{application.properties}, usually) to C{out},
+    or to standard output.  What is written is loaded back and compared
+    with what the source loads to before anything is written.
+    """
+    try:
+        settings = config.load(path)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = settingsToToml(settings)
+    target = Path(out) if out is not None else None
+    source = str(target) if target is not None else "<migrate output>"
+    try:
+        written = config.settingsFromMapping(
+            tomllib.loads(text), source, text, (target or Path(path)).resolve().parent
+        )
+    except (config.ConfigError, tomllib.TOMLDecodeError) as e:
+        print(f"error: the TOML written for {path} does not load ({e}); nothing written", file=sys.stderr)
+        return 2
+    loaded, wanted = _aboutSettings(written), _aboutSettings(settings)
+    differing = [f.name for f in dataclasses.fields(wanted) if getattr(loaded, f.name) != getattr(wanted, f.name)]
+    if differing:
+        print(
+            f"error: the TOML written for {path} loads to other settings ({', '.join(differing)}); nothing written",
+            file=sys.stderr,
+        )
+        return 2
+    if target is None:
+        _warn(settings)
+        sys.stdout.write(text)
+        return 0
+    passwords = any(ref.password or ref.key_password for ref in _storeRefs(settings))
+    try:
+        # Passwords copied from the source stay readable by owner and group only.
+        descriptor = os.open(
+            target, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL), 0o640 if passwords else 0o644
+        )
+    except FileExistsError:
+        print(f"error: {target} exists (--force replaces it)", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {target}: {e.strerror}", file=sys.stderr)
+        return 2
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+    _warn(settings)
+    print(f"wrote {target}")
+    if passwords:
+        print(
+            f"note: {target} holds the store passwords of {path} as pass: literals;"
+            " env:NAME or file:PATH keep them out of the file"
+        )
     return 0
 
 
@@ -228,9 +311,20 @@ def _run(argv: list[str] | None) -> int:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", help="TOML config, or the Java product's application.properties")
     _addKeystoreCommands(commands)
+    migrateParser = commands.add_parser(
+        "migrate",
+        help="write the TOML equivalent of a config file (application.properties)",
+        description="Write the native TOML equivalent of a config file, usually the Java product's "
+        "application.properties: only the settings that differ from the defaults.",
+    )
+    migrateParser.add_argument("file", help="application.properties (or a TOML config)")
+    migrateParser.add_argument("-o", "--out", metavar="FILE", help="where to write (default: standard output)")
+    migrateParser.add_argument("--force", action="store_true", help="replace FILE if it exists")
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
+    if arguments.command == "migrate":
+        return migrate(arguments.file, arguments.out, arguments.force)
     if arguments.command == "keystore":
         if arguments.action == "show":
             return keystoreShow(arguments)

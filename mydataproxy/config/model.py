@@ -306,6 +306,8 @@ class LoggingSettings:
     @ivar max_age_days: Rotated files older than this are deleted (0: never).
     @ivar queue_lines: Lines held for a log that cannot keep up (a hung
         mount); beyond, lines are dropped and counted.
+    @ivar tamper_evident: Chain each access line to the previous one with a
+        hash (see L{mydataproxy.ops.audit}).
     """
 
     access_log: str | None = None
@@ -322,6 +324,7 @@ class LoggingSettings:
     time: str = "utc"
     level: str = "info"
     queue_lines: int = 65536
+    tamper_evident: bool = False
 
     def accessPath(self, host: str) -> str:
         """The access log's path (or C{"-"}) on host C{host}."""

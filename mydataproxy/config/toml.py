@@ -675,7 +675,7 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
             values[key] = check.number(dotted, value, 1 if key == "queue_lines" else 0, integer=True)
         elif key == "max_age_days":
             values[key] = check.number(dotted, value, 0, integer=False)
-        elif key in ("daily", "compress"):
+        elif key in ("daily", "compress", "tamper_evident"):
             values[key] = check.boolean(dotted, value)
         elif key == "format":
             values[key] = check.choice(dotted, value, LOG_FORMATS)

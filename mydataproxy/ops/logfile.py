@@ -128,11 +128,14 @@ class RotatingFile:
         @return: The rotated file's path.
         """
         self.close()
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.now()))
+        now = self.now()
+        # Names sort as the files were rotated: "ls" and a shell glob give
+        # verify-log the files oldest first.
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
         target = self.path.with_name(f"{self.path.name}.{stamp}")
         n = 1
         while target.exists() or target.with_name(target.name + ".gz").exists():
-            target = self.path.with_name(f"{self.path.name}.{stamp}.{n}")
+            target = self.path.with_name(f"{self.path.name}.{stamp}-{n}")
             n += 1
         os.rename(self.path, target)
         self.open()

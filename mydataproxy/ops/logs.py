@@ -40,6 +40,7 @@ from twisted.logger import ILogObserver, formatEventAsClassicLogText
 from zope.interface import implementer
 
 from mydataproxy.config import STDOUT, LoggingSettings
+from mydataproxy.ops.audit import GENESIS, HashChain, lastValue
 from mydataproxy.ops.logfile import RotatingFile
 
 txaio.use_twisted()
@@ -91,13 +92,15 @@ class LogWriter:
     @param reactor: Schedules the hand-over of gathered lines and the loss
         reports (C{IReactorTime}), and takes the writer's messages
         (C{IReactorFromThreads}).
+    @param chained: Chain the lines with hashes as they are written (the
+        tamper-evident access log).
     @ivar dropped: Lines dropped because the writer was not keeping up.
     @ivar lost: Lines the writer could not write (counted by the writer).
     """
 
     def __init__(
         self, path: str, name: str, reactor: Reactor, settings: LoggingSettings,
-        now: Callable[[], float] = time.time,
+        now: Callable[[], float] = time.time, chained: bool = False,
     ) -> None:
         self.path = path
         self.name = name
@@ -119,11 +122,17 @@ class LogWriter:
         self._reporter.clock = reactor
         self._reported = (0, 0)
         self._dropping = False
+        self._chained = chained
+        self._chain: HashChain | None = None
 
     def start(self) -> None:
         """Open the file (raising if it can't be) and start the writer."""
         if self._file is not None:
             self._file.open(createDirectory=True)
+        if self._chained:
+            # Take up the chain where the file we append to left it.
+            previous = lastValue(self._file.path) if self._file is not None else None
+            self._chain = HashChain(previous or GENESIS)
         self._thread = threading.Thread(target=self._write, name=self.name.replace(" ", "-"), daemon=True)
         self._thread.start()
         self._flusher.start(FLUSH_SECONDS, now=False)
@@ -230,6 +239,8 @@ class LogWriter:
                         checked = time.monotonic()
                         self._file.reopenIfMoved()
                 if batch:
+                    if self._chain is not None:
+                        batch = [self._chain.apply(line) for line in batch]
                     data = "".join(batch).encode("utf-8", "replace")
                     if self._file is None:
                         sys.__stdout__.buffer.write(data)
@@ -283,7 +294,7 @@ class AccessLog:
         if settings is None:
             settings = LoggingSettings(queue_lines=QUEUE_BATCHES * BATCH_LINES)
         self.path = path
-        self.writer = LogWriter(path, "access log", reactor, settings, now)
+        self.writer = LogWriter(path, "access log", reactor, settings, now, chained=settings.tamper_evident)
         self._timestamp = Timestamps(settings.time == "local")
         self._format = {"keyvalue": self._keyValue, "combined": self._combined, "json": self._json}[settings.format]
 

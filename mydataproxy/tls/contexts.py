@@ -14,6 +14,7 @@ holder that fails to reload keeps what it had.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import weakref
 from dataclasses import dataclass
@@ -102,17 +103,99 @@ def loadTrust(ref: StoreRef) -> list[x509.Certificate]:
     return list(certificates)
 
 
-def reportExpiry(label: str, certificates: list[x509.Certificate]) -> None:
-    """Log every certificate's days to expiry (once each); warn inside the
-    renewal window."""
-    unique = {fingerprint(c): c for c in certificates}
-    for certificate in unique.values():
-        days = daysToExpiry(certificate)
-        subject = certificate.subject.rfc4514_string()
-        if days < EXPIRY_WARNING_DAYS:
-            log.warn("{label}: {subject} expires in {days} days", label=label, subject=subject, days=days)
-        else:
-            log.info("{label}: {subject} expires in {days} days", label=label, subject=subject, days=days)
+@dataclass(frozen=True)
+class LoadedCertificates:
+    """
+    The certificates one build of a holder read, grouped as its report
+    tells them.
+
+    @ivar own: Our certificates (the chains in our key stores), each with
+        where it came from.
+    @ivar pinned: Pinned certificates found in a profile's trust store, each
+        with the profile that pins it.
+    @ivar trustStores: Each trust store read: its path, what it is for, and
+        its certificates.
+    """
+
+    own: tuple[tuple[x509.Certificate, str], ...] = ()
+    pinned: tuple[tuple[x509.Certificate, str], ...] = ()
+    trustStores: tuple[tuple[str, str, tuple[x509.Certificate, ...]], ...] = ()
+
+    def __add__(self, other: LoadedCertificates) -> LoadedCertificates:
+        return LoadedCertificates(
+            self.own + other.own, self.pinned + other.pinned, self.trustStores + other.trustStores
+        )
+
+
+def reportExpiry(label: str, loaded: LoadedCertificates, now: datetime.datetime | None = None) -> None:
+    """
+    Log what C{loaded} holds: one line per certificate of ours and per
+    pinned certificate (a warning inside the renewal window, an error once
+    expired), and one summary line per trust store.  A trust store's
+    expired certificates are counted, never listed nor warned about: a
+    bundle such as the JDK's C{cacerts} carries roots nobody chose.
+
+    @param now: The moment to count days from; the current time by default.
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    for certificate, where in _onceEach(loaded.own):
+        _reportCertificate(label, certificate, where, now)
+    for certificate, where in _onceEach(loaded.pinned):
+        _reportCertificate(label, certificate, where, now)
+    stores: dict[str, tuple[list[str], tuple[x509.Certificate, ...]]] = {}
+    for path, use, certificates in loaded.trustStores:
+        uses = stores.setdefault(path, ([], certificates))[0]
+        if use not in uses:
+            uses.append(use)
+    for path, (uses, certificates) in stores.items():
+        _reportTrustStore(label, f"{path} ({', '.join(uses)})", certificates, now)
+
+
+def _onceEach(entries: tuple[tuple[x509.Certificate, str], ...]) -> list[tuple[x509.Certificate, str]]:
+    """C{entries} with one per certificate, its places joined."""
+    places: dict[str, tuple[x509.Certificate, list[str]]] = {}
+    for certificate, where in entries:
+        seen = places.setdefault(fingerprint(certificate), (certificate, []))[1]
+        if where not in seen:
+            seen.append(where)
+    return [(certificate, "; ".join(where)) for certificate, where in places.values()]
+
+
+def _subject(certificate: x509.Certificate) -> str:
+    return certificate.subject.rfc4514_string() or "(empty subject)"
+
+
+def _notAfter(certificate: x509.Certificate) -> str:
+    return certificate.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _reportCertificate(label: str, certificate: x509.Certificate, where: str, now: datetime.datetime) -> None:
+    days = daysToExpiry(certificate, now)
+    fields = {"label": label, "subject": _subject(certificate), "where": where, "notAfter": _notAfter(certificate)}
+    if days < 0:
+        log.error("{label}: {subject} ({where}): EXPIRED since {notAfter}", **fields)
+    elif days < EXPIRY_WARNING_DAYS:
+        log.warn("{label}: {subject} ({where}): expires in {days} days, not after {notAfter}", days=days, **fields)
+    else:
+        log.info("{label}: {subject} ({where}): expires in {days} days, not after {notAfter}", days=days, **fields)
+
+
+def _reportTrustStore(
+    label: str, store: str, certificates: tuple[x509.Certificate, ...], now: datetime.datetime
+) -> None:
+    valid = [c for c in certificates if daysToExpiry(c, now) >= 0]
+    count = f"{len(certificates)} certificate{'' if len(certificates) == 1 else 's'}"
+    fields = {"label": label, "store": store, "count": count, "expired": len(certificates) - len(valid)}
+    if not valid:
+        log.warn("{label}: trust store {store}: {count}, all expired", **fields)
+        return
+    earliest = min(valid, key=lambda c: c.not_valid_after_utc)
+    log.info(
+        "{label}: trust store {store}: {count}, {expired} expired;"
+        " the first of the valid ones to expire: {subject}, in {days} days, not after {notAfter}",
+        days=daysToExpiry(earliest, now), notAfter=_notAfter(earliest), subject=_subject(earliest), **fields,
+    )
 
 
 def _trustRoot(certificates: list[x509.Certificate]):
@@ -128,7 +211,7 @@ def _checkKeyMatches(context: SSL.Context, where: str) -> None:
         raise TLSConfigError(f"{where}: the private key does not match its certificate") from None
 
 
-def buildServerContext(settings: ServerTLSSettings) -> tuple[SSL.Context, list[x509.Certificate]]:
+def buildServerContext(settings: ServerTLSSettings) -> tuple[SSL.Context, LoadedCertificates]:
     """
     The server context for C{settings}, and the certificates it loaded.
 
@@ -158,7 +241,12 @@ def buildServerContext(settings: ServerTLSSettings) -> tuple[SSL.Context, list[x
     except (SSL.Error, ValueError) as e:
         raise TLSConfigError(f"{settings.key_store.path}: cannot build a TLS context: {e}") from None
     _checkKeyMatches(context, settings.key_store.path)
-    return context, list(identity.chain) + trusted
+    path = settings.key_store.path
+    own = ((identity.chain[0], f"key store {path}"),) + tuple(
+        (c, f"chain in key store {path}") for c in identity.chain[1:]
+    )
+    trustStores = ((settings.trust_store.path, "client certificates", tuple(trusted)),) if trusted else ()
+    return context, LoadedCertificates(own=own, trustStores=trustStores)
 
 
 class ServerConnection(SSL.Connection):
@@ -183,16 +271,20 @@ class ServerConnection(SSL.Connection):
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """A listener's TLS material; L{reload} swaps it for new handshakes."""
+    """
+    A listener's TLS material; L{reload} swaps it for new handshakes.
+
+    @ivar loaded: The certificates of the material in use.
+    """
 
     def __init__(self, settings: ServerTLSSettings, label: str = "forward.tls") -> None:
         self.settings = settings
         self.label = label
-        self._context, self._certificates = buildServerContext(settings)
+        self._context, self.loaded = buildServerContext(settings)
 
     def report(self) -> None:
         """Log what is loaded (at start; reloads report themselves)."""
-        reportExpiry(self.label, self._certificates)
+        reportExpiry(self.label, self.loaded)
 
     def serverConnectionForTLS(self, tlsProtocol) -> ServerConnection:
         return ServerConnection(self._context, None)
@@ -209,8 +301,8 @@ class ServerTLS:
             self._install, _reloadFailed, errbackArgs=(self.label, "certificates")
         )
 
-    def _install(self, built: tuple[SSL.Context, list[x509.Certificate]]) -> bool:
-        self._context, self._certificates = built
+    def _install(self, built: tuple[SSL.Context, LoadedCertificates]) -> bool:
+        self._context, self.loaded = built
         self.report()
         return True
 
@@ -311,7 +403,7 @@ class _BuiltProfile:
     context: SSL.Context
 
 
-def _buildProfile(profile: OriginTLSProfile) -> tuple[_BuiltProfile, list[x509.Certificate]]:
+def _buildProfile(profile: OriginTLSProfile) -> tuple[_BuiltProfile, LoadedCertificates]:
     identity = loadIdentity(profile.key_store) if profile.key_store else None
     trusted = loadTrust(profile.trust_store) if profile.trust_store else []
     options: dict = {
@@ -339,35 +431,54 @@ def _buildProfile(profile: OriginTLSProfile) -> tuple[_BuiltProfile, list[x509.C
         _checkKeyMatches(context, profile.key_store.path)
     if profile.verify:
         context.set_verify(SSL.VERIFY_PEER, _recordVerifyError)
-    return _BuiltProfile(profile, context), list(identity.chain if identity else []) + trusted
+    return _BuiltProfile(profile, context), _profileCertificates(profile, identity, trusted)
+
+
+def _profileCertificates(
+    profile: OriginTLSProfile, identity: _Identity | None, trusted: list[x509.Certificate]
+) -> LoadedCertificates:
+    name = profile.name or f"profile for {', '.join(profile.hosts)}"
+    own: tuple[tuple[x509.Certificate, str], ...] = ()
+    if identity is not None:
+        path = profile.key_store.path
+        own = ((identity.chain[0], f"client certificate of {name} in {path}"),) + tuple(
+            (c, f"chain of {name} in {path}") for c in identity.chain[1:]
+        )
+    if not trusted:
+        return LoadedCertificates(own=own)
+    path = profile.trust_store.path
+    pinned = tuple((c, f"pinned by {name} in {path}") for c in trusted if fingerprint(c) in profile.pins)
+    return LoadedCertificates(own=own, pinned=pinned, trustStores=((path, name, tuple(trusted)),))
 
 
 class OriginTLS:
     """
     Outbound TLS per destination: the first profile whose C{hosts} match,
     else the default.  Connection creators are built once per host.
+
+    @ivar loaded: The certificates of the material in use, every profile's.
     """
 
     def __init__(self, default: OriginTLSProfile, profiles: tuple[OriginTLSProfile, ...]) -> None:
         self._settings = (default, profiles)
-        self._default, self._profiles, self._certificates = self._build()
+        self._default, self._profiles, self.loaded = self._build()
 
-    def _build(self):
+    def _build(self) -> tuple[_BuiltProfile, list[_BuiltProfile], LoadedCertificates]:
         default, profiles = self._settings
-        builtDefault, certificates = _buildProfile(default)
+        builtDefault, loaded = _buildProfile(default)
         builtProfiles = []
         for profile in profiles:
             built, more = _buildProfile(profile)
             builtProfiles.append(built)
-            certificates += more
-        return builtDefault, builtProfiles, certificates
+            loaded += more
+        return builtDefault, builtProfiles, loaded
 
     def report(self) -> None:
         """Log what is loaded (at start; reloads report themselves)."""
         for built in [self._default, *self._profiles]:
             if not built.profile.verify:
                 log.warn("{name}: verify = false: origin certificates are NOT checked", name=built.profile.name)
-        reportExpiry("upstream.tls", self._certificates)
+        reportExpiry("upstream.tls", self.loaded)
 
     def profileFor(self, host: str) -> OriginTLSProfile:
         return self._builtFor(host).profile
@@ -419,8 +530,8 @@ class OriginTLS:
             self._install, _reloadFailed, errbackArgs=("upstream.tls", "material")
         )
 
-    def _install(self, built) -> bool:
-        self._default, self._profiles, self._certificates = built
+    def _install(self, built: tuple[_BuiltProfile, list[_BuiltProfile], LoadedCertificates]) -> bool:
+        self._default, self._profiles, self.loaded = built
         self.report()
         return True
 
