@@ -1,0 +1,267 @@
+"""
+The operator's tools of the C{mydataproxy} command: C{migrate}, C{reload},
+C{status}, C{explain}; and the systemd unit and C{etc/bin} wrappers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography import x509
+
+from mydataproxy import cli, config, material
+from mydataproxy.config.dump import settingsToToml
+
+ROOT = Path(__file__).resolve().parents[1]
+ETC = ROOT / "etc"
+
+# A password with what TOML strings must escape, and what they need not.
+PASSWORD = 'p"a\\ss wörd\t1'
+
+
+def comparable(settings: config.Settings) -> config.Settings:
+    """The settings without what describes their file."""
+    return dataclasses.replace(settings, source="", notices=(), locations=())
+
+
+def roundTrip(source: Path, tmp_path: Path) -> tuple[config.Settings, config.Settings, str]:
+    """Load C{source}, write its TOML, load that: (source's settings, TOML's settings, TOML text)."""
+    settings = config.load(source)
+    text = settingsToToml(settings)
+    out = tmp_path / "migrated.toml"
+    out.write_text(text, encoding="utf-8")
+    return settings, config.load(out), text
+
+
+@pytest.fixture(scope="module")
+def p12(tls_files, tmp_path_factory) -> Path:
+    """The test leaf and its key as a PKCS#12 store locked with L{PASSWORD}."""
+    key = serialization.load_pem_private_key(tls_files.key_pem.read_bytes(), None)
+    certificate = x509.load_pem_x509_certificate(tls_files.cert_pem.read_bytes())
+    path = tmp_path_factory.mktemp("stores") / "client.p12"
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"client", key, certificate, None, serialization.BestAvailableEncryption(PASSWORD.encode())))
+    return path
+
+
+def properties(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf" / "application.properties"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def javaEscaped(text: str) -> str:
+    """C{text} as a .properties value (backslashes doubled, non-ASCII as \\uXXXX)."""
+    return "".join(
+        "\\\\" if c == "\\" else "\\t" if c == "\t" else c if c.isascii() else f"\\u{ord(c):04x}" for c in text
+    )
+
+
+# --- migrate ---------------------------------------------------------------------
+
+
+def test_migrateSample(tmp_path: Path) -> None:
+    settings, migrated, text = roundTrip(ETC / "application.properties", tmp_path)
+    assert comparable(migrated) == comparable(settings)
+    assert settings != config.Settings(source=settings.source, notices=settings.notices)
+    # Only what differs from the defaults, under a header naming the source.
+    assert text.startswith("# MyData Proxy configuration (TOML), written by `mydataproxy migrate`\n")
+    assert f"# from {ETC / 'application.properties'}." in text
+    body = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert "[forward]" in body and 'client_allow = ["127.0.0.1/32", "::1/128", "10.1.0.0/16"]' in body
+    assert "connect_timeout = 10.0" in body
+    assert not any(line.startswith(("read_timeout", "listen", "max_connections_total")) for line in body)
+    # The source's notices come along as comments.
+    assert "#   " + settings.notices[0] in text
+
+
+def test_migrateEmptyIsHeaderOnly(tmp_path: Path) -> None:
+    settings, migrated, text = roundTrip(properties(tmp_path, ""), tmp_path)
+    assert comparable(migrated) == comparable(settings) == comparable(config.Settings())
+    assert all(line.startswith("#") for line in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(
+            "server.port=9443\nserver.ssl.enabled=true\nserver.ssl.key-store=file:{relative}\n"
+            "server.ssl.key-store-password={password}\nserver.ssl.key-password={password}\n"
+            "server.ssl.trust-store=file:{ca}\nserver.ssl.client-auth=need\n"
+            "proxy.ssl.client.enabled=true\nproxy.ssl.client.tls-version=TLSv1.3\n",
+            id="listener-and-mutual-tls",
+        ),
+        pytest.param(
+            "server.address=::1\nserver.ssl.key-store={p12}\nserver.ssl.key-store-password={password}\n"
+            "proxy.ssl.client.enabled=true\nproxy.ssl.client.validateCertificate=false\n"
+            "proxy.ssl.client.tls-version=TLSv1.1,TLSv1.2\n",
+            id="client-certificate-unverified",
+        ),
+        pytest.param(
+            "server.ssl.enabled=true\nserver.ssl.key-store={p12}\nserver.ssl.key-store-password={password}\n"
+            "server.ssl.trust-store={ca}\nserver.ssl.client-auth=want\n",
+            id="listener-want",
+        ),
+        pytest.param(
+            "server.port=9001\nproxy.ip.allow=\nproxy.header.filter=host,x-target-host,X-Api-Key\n"
+            "logging.file.name=../logs/access.log\nproxy.ssl.client.socketTimeout=2.5\n"
+            "proxy.httpclient.maxConnPerRoute=7\nserver.ssl.trust-store={ca}\n",
+            id="open-listener-log-file",
+        ),
+    ],
+)
+def test_migrateRoundTrip(tmp_path: Path, tls_files, p12: Path, text: str) -> None:
+    (tmp_path / "logs").mkdir()
+    path = properties(tmp_path, text.format(
+        relative=os.path.relpath(p12, tmp_path / "conf"), p12=p12, ca=tls_files.ca_pem,
+        password=javaEscaped(PASSWORD),
+    ))
+    settings, migrated, _ = roundTrip(path, tmp_path)
+    assert comparable(migrated) == comparable(settings)
+    # The passwords survive the escaping: the stores open from the TOML.
+    material.loadMaterial(migrated)
+
+
+def test_migrateNativeSamples(tmp_path: Path) -> None:
+    for sample in ("mydataproxy.toml", "mydataproxy-reverse.toml"):
+        settings, migrated, _ = roundTrip(ETC / sample, tmp_path)
+        assert comparable(migrated) == comparable(settings), sample
+
+
+def test_migrateEveryKind(tmp_path: Path, p12: Path, tls_files) -> None:
+    """Settings of every kind the model has: tables, arrays of tables, inherited TLS profiles."""
+    source = tmp_path / "in.toml"
+    source.write_text(f"""
+[forward]
+listen = "tcp:9443:interface=\\\\:\\\\:1"
+http_ports = [80, "8000-8099", 443]
+connect_ports = [443, 8443]
+trusted_proxies = ["10.0.0.0/8"]
+auth_file = "users.htpasswd"
+auth_realm = "Bank \\"proxy\\""
+[forward.tls]
+key_store = "{p12}"
+key_store_password = "env:KS"
+client_auth = "want"
+trust_store = "{tls_files.ca_pem}"
+[reverse]
+listen = "tcp:8081:interface=127.0.0.1"
+[reverse.tls]
+key_store = "{p12}"
+key_store_password = "file:/run/pass"
+[[reverse.routes]]
+prefix = "/api/"
+hosts = ["API.example.com."]
+backends = ["http://[::1]:8080/gw/", "https://10.0.0.1/gw/"]
+read_timeout = 60.0
+max_body_bytes = 1000
+[[reverse.routes]]
+prefix = "/app"
+backends = ["http://10.0.0.2:8080"]
+[egress]
+default = "deny"
+guard = false
+[[egress.rules]]
+action = "allow"
+networks = ["10.0.0.0/8"]
+modes = ["connect", "header"]
+users = ["alice"]
+[[egress.rules]]
+name = "banks"
+action = "allow"
+hosts = ["*.bank.example"]
+ports = [443]
+client_certificates = ["CN=gateway,O=Example Bank"]
+[resolver]
+servers = ["10.0.0.53", "[::1]:5353"]
+timeout = 1.5
+[limits]
+max_body_bytes = 1048576
+requests_per_second = 20
+[upstream]
+connect_timeout = 3
+[upstream.tls]
+trust_store = "{tls_files.ca_pem}"
+min_version = "TLSv1.3"
+[[upstream.tls.profiles]]
+name = "bank"
+hosts = ["*.bank.example"]
+key_store = "{p12}"
+key_store_password = "pass:x"
+key_alias = "client"
+pins = ["{'AB' * 32}"]
+serial_number = "1234567890"
+[[upstream.tls.profiles]]
+hosts = ["legacy.example"]
+verify = false
+min_version = "TLSv1.2"
+[logging]
+format = "json"
+time = "local"
+keep = 3
+error_log = ""
+[admin]
+""", encoding="utf-8")
+    (tmp_path / "users.htpasswd").write_text("alice:{SHA}x\n")
+    settings, migrated, text = roundTrip(source, tmp_path)
+    assert comparable(migrated) == comparable(settings)
+    # Written once, where the loader looks for them: the route's read_timeout
+    # equals [upstream]'s and is left out; its body limit is not.
+    assert "max_body_bytes = 1000" in text and "read_timeout" not in text
+    assert text.count('name = "bank"') == 1 and "name = \"egress.rules" not in text
+    assert "\n[admin]\n" in text
+
+
+def test_migrateCommand(tmp_path: Path, p12: Path, capsys) -> None:
+    path = properties(tmp_path, f"server.ssl.key-store={p12}\nserver.ssl.key-store-password=secret\n"
+                                "proxy.ssl.client.enabled=true\nspring.application.name=x\n")
+    out = tmp_path / "out.toml"
+    assert cli.main(["migrate", str(path), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"wrote {out}"
+    assert "pass: literals" in captured.out
+    assert "warning: " in captured.err and "spring.application.name" in captured.err
+    # The passwords it holds are not for everyone.
+    assert stat.S_IMODE(out.stat().st_mode) & 0o007 == 0
+    assert comparable(config.load(out)) == comparable(config.load(path))
+    # An existing file is kept unless --force.
+    out.write_text("# mine\n")
+    assert cli.main(["migrate", str(path), "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert out.read_text() == "# mine\n"
+    assert cli.main(["migrate", str(path), "-o", str(out), "--force"]) == 0
+    assert comparable(config.load(out)) == comparable(config.load(path))
+    # Without -o: standard output.
+    capsys.readouterr()
+    assert cli.main(["migrate", str(path)]) == 0
+    assert capsys.readouterr().out == out.read_text()
+
+
+def test_migrateRefusesWhatDoesNotLoadBack(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A writer that lost a setting is caught before anything is written."""
+    path = properties(tmp_path, "server.port=9001\nserver.address=127.0.0.1\nproxy.ip.allow=10.0.0.0/8\n")
+    lossy = lambda settings: "\n".join(
+        line for line in settingsToToml(settings).splitlines() if not line.startswith("client_allow")
+    )
+    monkeypatch.setattr(cli, "settingsToToml", lossy)
+    out = tmp_path / "out.toml"
+    assert cli.main(["migrate", str(path), "-o", str(out)]) == 2
+    assert "loads to other settings (forward)" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setattr(cli, "settingsToToml", lambda settings: "[forward]\nlisten = 3\n")
+    assert cli.main(["migrate", str(path), "-o", str(out)]) == 2
+    assert "does not load" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_migrateBadSource(tmp_path: Path, capsys) -> None:
+    path = properties(tmp_path, "server.prot=9000\n")
+    assert cli.main(["migrate", str(path)]) == 2
+    assert "unknown key" in capsys.readouterr().err
