@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import socket
 import sys
 import tomllib
@@ -137,6 +138,58 @@ def migrate(path: str, out: str | None, force: bool) -> int:
             f"note: {target} holds the store passwords of {path} as pass: literals;"
             " env:NAME or file:PATH keep them out of the file"
         )
+    return 0
+
+
+#: twistd's pidfile when C{--pidfile} is not given: in its working directory.
+DEFAULT_PIDFILE = "twistd.pid"
+
+
+def reload(pidfile: str) -> int:
+    """
+    C{mydataproxy reload}: send SIGHUP to the proxy whose process id is in
+    C{pidfile} (it then re-reads its key and trust stores).  Refuses a
+    process that is not a MyData Proxy (a stale pidfile whose number was
+    reused): SIGHUP ends most programs.
+
+    @return: 0 when the signal was sent, 1 otherwise; one line either way.
+    """
+    try:
+        text = Path(pidfile).read_text(encoding="ascii", errors="replace").strip()
+    except FileNotFoundError:
+        print(f"error: no pidfile {pidfile}: the proxy is not running, or was started with another --pidfile",
+              file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot read the pidfile {pidfile}: {e.strerror}", file=sys.stderr)
+        return 1
+    if not text.isdigit() or int(text) < 2:
+        print(f"error: {pidfile} does not hold a process id ({text[:20]!r})", file=sys.stderr)
+        return 1
+    pid = int(text)
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        print(f"error: no process {pid}: stale pidfile {pidfile}, the proxy is not running", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot tell what process {pid} is: {e.strerror}", file=sys.stderr)
+        return 1
+    if b"mydataproxy" not in command:
+        shown = " ".join(part.decode(errors="replace") for part in command if part)[:60]
+        print(f"error: process {pid} ({shown}) is not MyData Proxy: stale pidfile {pidfile}, not signalled",
+              file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"error: process {pid} ended: stale pidfile {pidfile}", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"error: not allowed to signal process {pid} (run this as its user, or root)", file=sys.stderr)
+        return 1
+    print(f"reload: SIGHUP sent to MyData Proxy (pid {pid}); it re-reads its key and trust stores"
+          " and logs 'reload of key and trust stores done'")
     return 0
 
 
@@ -320,11 +373,21 @@ def _run(argv: list[str] | None) -> int:
     migrateParser.add_argument("file", help="application.properties (or a TOML config)")
     migrateParser.add_argument("-o", "--out", metavar="FILE", help="where to write (default: standard output)")
     migrateParser.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    reloadParser = commands.add_parser(
+        "reload",
+        help="make the running proxy re-read its key and trust stores (SIGHUP)",
+        description="Send SIGHUP to the proxy whose process id is in the pidfile.",
+    )
+    reloadParser.add_argument(
+        "--pidfile", default=DEFAULT_PIDFILE, help=f"twistd's --pidfile (default: {DEFAULT_PIDFILE})"
+    )
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
     if arguments.command == "migrate":
         return migrate(arguments.file, arguments.out, arguments.force)
+    if arguments.command == "reload":
+        return reload(arguments.pidfile)
     if arguments.command == "keystore":
         if arguments.action == "show":
             return keystoreShow(arguments)

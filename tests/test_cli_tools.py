@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography import x509
 
+from conftest import BIN, TWISTD, DnsServer, default_config, get_free_port, to_toml, wait_for_port
 from mydataproxy import cli, config, material
 from mydataproxy.config.dump import settingsToToml
 
@@ -265,3 +269,125 @@ def test_migrateBadSource(tmp_path: Path, capsys) -> None:
     path = properties(tmp_path, "server.prot=9000\n")
     assert cli.main(["migrate", str(path)]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+# --- reload ----------------------------------------------------------------------
+
+
+class PidfileProxy:
+    """C{twistd -n --pidfile=FILE mydataproxy}: the proxy as operators start it."""
+
+    def __init__(self, workdir: Path, dns: DnsServer) -> None:
+        self.pidfile = workdir / "twistd.pid"
+        self.port = get_free_port()
+        self.config = workdir / "mydataproxy.toml"
+        self.config.write_text(to_toml(default_config(self.port, workdir / "access.log", [443], dns)))
+        self.outputPath = workdir / "twistd.out"
+        with open(self.outputPath, "wb") as output:
+            self.proc = subprocess.Popen(
+                [str(TWISTD), "-n", f"--pidfile={self.pidfile}", "mydataproxy", "--config", str(self.config)],
+                cwd=workdir, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        assert wait_for_port(self.port, 10.0, self.proc), self.output()
+
+    def output(self) -> str:
+        return self.outputPath.read_text(errors="replace")
+
+    def waitOutput(self, text: str, count: int = 1, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def pidfile_proxy(tmp_path: Path, dns_server):
+    proxy = PidfileProxy(tmp_path, dns_server)
+    yield proxy
+    proxy.stop()
+
+
+def mydataproxy(*argv: str) -> subprocess.CompletedProcess:
+    """The installed C{mydataproxy} command."""
+    return subprocess.run([str(BIN / "mydataproxy"), *argv], capture_output=True, text=True, timeout=30)
+
+
+DONE = "SIGHUP: reload of key and trust stores done"
+
+
+def test_reloadRunningProxy(pidfile_proxy: PidfileProxy) -> None:
+    assert pidfile_proxy.pidfile.read_text().strip() == str(pidfile_proxy.proc.pid)
+    for count in (1, 2):
+        result = mydataproxy("reload", "--pidfile", str(pidfile_proxy.pidfile))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("\n") == 1 and f"pid {pidfile_proxy.proc.pid}" in result.stdout
+        assert pidfile_proxy.waitOutput(DONE, count), pidfile_proxy.output()
+    # Still serving after both.
+    assert wait_for_port(pidfile_proxy.port, 2.0, pidfile_proxy.proc)
+    pidfile_proxy.stop()
+    # twistd removes its pidfile on the way out.
+    result = mydataproxy("reload", "--pidfile", str(pidfile_proxy.pidfile))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: no pidfile {pidfile_proxy.pidfile}") and result.stderr.count("\n") == 1
+
+
+def test_reloadDefaultPidfile(pidfile_proxy: PidfileProxy) -> None:
+    """Without --pidfile: twistd's default, twistd.pid in the working directory."""
+    result = subprocess.run([str(BIN / "mydataproxy"), "reload"], cwd=pidfile_proxy.pidfile.parent,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert pidfile_proxy.waitOutput(DONE), pidfile_proxy.output()
+
+
+def test_reloadStalePidfile(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text(f"{gone.pid}\n")
+    result = mydataproxy("reload", "--pidfile", str(pidfile))
+    assert result.returncode == 1
+    assert result.stderr == f"error: no process {gone.pid}: stale pidfile {pidfile}, the proxy is not running\n"
+
+
+def test_reloadRefusesAnotherProgram(tmp_path: Path) -> None:
+    """A pid reused by another program is not signalled: SIGHUP would end it."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        pidfile = tmp_path / "twistd.pid"
+        pidfile.write_text(f"{other.pid}\n")
+        result = mydataproxy("reload", "--pidfile", str(pidfile))
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"error: process {other.pid} (sleep 30) is not MyData Proxy"), result.stderr
+        time.sleep(0.2)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("content", ["", "twistd\n", "0\n", "-5\n"])
+def test_reloadGarbledPidfile(tmp_path: Path, content: str, capsys) -> None:
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text(content)
+    assert cli.main(["reload", "--pidfile", str(pidfile)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {pidfile} does not hold a process id")
+
+
+def test_reloadNotPermitted(pidfile_proxy: PidfileProxy, monkeypatch, capsys) -> None:
+    """A proxy run by another user (the tests may run as root: os.kill is made to refuse)."""
+
+    def refuse(pid: int, signum: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(cli.os, "kill", refuse)
+    assert cli.main(["reload", "--pidfile", str(pidfile_proxy.pidfile)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: not allowed to signal process {pidfile_proxy.proc.pid} (run this as its user, or root)\n"
+    assert not pidfile_proxy.waitOutput(DONE, timeout=0.5)
