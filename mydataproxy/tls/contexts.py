@@ -110,7 +110,7 @@ class LoadedCertificates:
     tells them.
 
     @ivar own: Our certificates (the chains in our key stores), each with
-        where it came from.
+        what it is to us.
     @ivar pinned: Pinned certificates found in a profile's trust store, each
         with the profile that pins it.
     @ivar trustStores: Each trust store read: its path, what it is for, and
@@ -241,10 +241,7 @@ def buildServerContext(settings: ServerTLSSettings) -> tuple[SSL.Context, Loaded
     except (SSL.Error, ValueError) as e:
         raise TLSConfigError(f"{settings.key_store.path}: cannot build a TLS context: {e}") from None
     _checkKeyMatches(context, settings.key_store.path)
-    path = settings.key_store.path
-    own = ((identity.chain[0], f"key store {path}"),) + tuple(
-        (c, f"chain in key store {path}") for c in identity.chain[1:]
-    )
+    own = ((identity.chain[0], "certificate"),) + tuple((c, "its chain") for c in identity.chain[1:])
     trustStores = ((settings.trust_store.path, "client certificates", tuple(trusted)),) if trusted else ()
     return context, LoadedCertificates(own=own, trustStores=trustStores)
 
@@ -440,15 +437,13 @@ def _profileCertificates(
     name = profile.name or f"profile for {', '.join(profile.hosts)}"
     own: tuple[tuple[x509.Certificate, str], ...] = ()
     if identity is not None:
-        path = profile.key_store.path
-        own = ((identity.chain[0], f"client certificate of {name} in {path}"),) + tuple(
-            (c, f"chain of {name} in {path}") for c in identity.chain[1:]
+        own = ((identity.chain[0], f"client certificate of {name}"),) + tuple(
+            (c, f"chain of {name}'s client certificate") for c in identity.chain[1:]
         )
     if not trusted:
         return LoadedCertificates(own=own)
-    path = profile.trust_store.path
-    pinned = tuple((c, f"pinned by {name} in {path}") for c in trusted if fingerprint(c) in profile.pins)
-    return LoadedCertificates(own=own, pinned=pinned, trustStores=((path, name, tuple(trusted)),))
+    pinned = tuple((c, f"pinned by {name}") for c in trusted if fingerprint(c) in profile.pins)
+    return LoadedCertificates(own=own, pinned=pinned, trustStores=((profile.trust_store.path, name, tuple(trusted)),))
 
 
 class OriginTLS:
