@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import os
 import signal
 import socket
@@ -191,6 +192,158 @@ def reload(pidfile: str) -> int:
     print(f"reload: SIGHUP sent to MyData Proxy (pid {pid}); it re-reads its key and trust stores"
           " and logs 'reload of key and trust stores done'")
     return 0
+
+
+#: How long C{status} waits for each admin endpoint.
+STATUS_TIMEOUT = 5.0
+
+
+def adminURL(settings: config.Settings | None) -> str:
+    """
+    The base URL of the admin listener of C{settings} (L{None}: the
+    default C{[admin] listen}); one bound to every interface is asked on
+    loopback.
+
+    @raise ValueError: The settings have no admin listener, or not on TCP.
+    """
+    if settings is not None and settings.admin is None:
+        raise ValueError(f"{settings.source} has no [admin] section: the admin listener is not running")
+    listen = (settings.admin if settings is not None else config.AdminSettings()).listen
+    address = config.parseListen(listen)
+    if address is None:
+        raise ValueError(f"admin.listen {listen!r} is not a TCP port: give --admin URL")
+    interface = address.interface
+    if interface in ("", "0.0.0.0"):
+        interface = "127.0.0.1"
+    elif interface == "::":
+        interface = "::1"
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{address.port}"
+
+
+def _fetch(url: str) -> tuple[int, str]:
+    """GET C{url} straight (never through a proxy the environment names): (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=STATUS_TIMEOUT) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode("utf-8", "replace")
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text as C{sample name -> [(labels, value)]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + [f"{minutes}m", f"{seconds}s"]
+    return " ".join(parts)
+
+
+def _counters(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> list[tuple[str, str]]:
+    """The lines of C{status} drawn from the metrics: (label, text); what is not exported is left out."""
+    import time
+
+    def total(name: str, **where: str) -> float:
+        return sum(v for labels, v in metrics.get(name, ()) if all(labels.get(k) == w for k, w in where.items()))
+
+    def by(name: str, label: str) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for labels, value in metrics.get(name, ()):
+            values[labels.get(label, "")] = values.get(labels.get(label, ""), 0) + value
+        return values
+
+    lines = []
+    if "process_start_time_seconds" in metrics:
+        lines.append(("uptime", _duration(time.time() - metrics["process_start_time_seconds"][0][1])))
+    if "mydataproxy_client_connections" in metrics:
+        tunnels = by("mydataproxy_tunnels", "listener")
+        lines.append(("listeners", "; ".join(
+            f"{name}: {int(open_)} connections, {int(tunnels.get(name, 0))} tunnels"
+            for name, open_ in sorted(by("mydataproxy_client_connections", "listener").items())
+        ) or "(none)"))
+    if "mydataproxy_requests_total" in metrics:
+        classes: dict[str, float] = {}
+        for status, count in by("mydataproxy_requests_total", "status").items():
+            key = status if status == "none" else f"{status[0]}xx"
+            classes[key] = classes.get(key, 0) + count
+        detail = ", ".join(f"{key} {int(count)}" for key, count in sorted(classes.items()) if count)
+        lines.append(("requests", f"{int(total('mydataproxy_requests_total'))}" + (f" ({detail})" if detail else "")))
+    if "mydataproxy_refusals_total" in metrics:
+        rules = sorted(by("mydataproxy_refusals_total", "rule").items(), key=lambda item: -item[1])
+        top = ", ".join(f"{rule} {int(count)}" for rule, count in rules[:3] if count)
+        lines.append(("refusals", f"{int(total('mydataproxy_refusals_total'))}" + (f" (most: {top})" if top else "")))
+    if "mydataproxy_upstream_pool_connections" in metrics:
+        pool = by("mydataproxy_upstream_pool_connections", "state")
+        waiting = total("mydataproxy_queue_depth", queue="upstream pool")
+        rejected = total("mydataproxy_upstream_pool_rejected_total")
+        lines.append(("upstream pool", f"{int(pool.get('in_use', 0))} in use, {int(pool.get('idle', 0))} idle, "
+                                       f"{int(waiting)} waiting, {int(rejected)} refused (503)"))
+    for name, label in (("mydataproxy_upstream_tls_failures_total", "TLS failures"),
+                        ("mydataproxy_dns_failures_total", "DNS failures")):
+        if name in metrics:
+            lines.append((label, str(int(total(name)))))
+    if "mydataproxy_log_lines_dropped_total" in metrics:
+        lines.append(("log lines", f"{int(total('mydataproxy_log_lines_dropped_total', why='dropped'))} dropped, "
+                                   f"{int(total('mydataproxy_log_lines_dropped_total', why='lost'))} lost"))
+    expiries = metrics.get("mydataproxy_certificate_expiry_seconds", ())
+    if expiries:
+        labels, seconds = min(expiries, key=lambda item: item[1])
+        when = f"in {int(seconds // 86400)} days" if seconds >= 0 else f"EXPIRED {int(-seconds // 86400)} days ago"
+        lines.append(("next expiry", f"{labels.get('subject', '?')} ({labels.get('store', '?')}) {when}"))
+    return lines
+
+
+def status(base: str) -> int:
+    """
+    C{mydataproxy status}: ask the admin listener at C{base} whether the
+    proxy is up (C{/healthz}) and ready (C{/readyz}, with the reasons when
+    not), and print a few counters of C{/metrics}.
+
+    @return: 0 ready, 1 up but not ready, 2 not reachable (or not answering).
+    """
+    base = base.rstrip("/")
+    try:
+        health, _ = _fetch(base + "/healthz")
+        ready, reasons = _fetch(base + "/readyz")
+        metricsStatus, metricsText = _fetch(base + "/metrics")
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        print(f"down: the admin listener at {base} does not answer ({reason})")
+        return 2
+    if health != 200:
+        print(f"down: {base}/healthz answered {health}")
+        return 2
+    try:
+        metrics = _samples(metricsText) if metricsStatus == 200 else {}
+    except ValueError as e:
+        print(f"warning: {base}/metrics is not Prometheus text ({e})", file=sys.stderr)
+        metrics = {}
+    version = next((labels.get("version") for labels, _ in metrics.get("mydataproxy_build_info", ())), None)
+    name = f"MyData Proxy {version}" if version else "MyData Proxy"
+    print(f"{name} at {base}: up, {'ready' if ready == 200 else f'NOT READY ({ready})'}")
+    if ready != 200:
+        for reason in reasons.splitlines():
+            if reason.strip():
+                print(f"  not ready:      {reason.strip()}")
+    for label, text in _counters(metrics):
+        print(f"  {label + ':':<16}{text}")
+    return 0 if ready == 200 else 1
 
 
 #: Where C{keystore} commands find the store password when no C{--password}
@@ -381,6 +534,15 @@ def _run(argv: list[str] | None) -> int:
     reloadParser.add_argument(
         "--pidfile", default=DEFAULT_PIDFILE, help=f"twistd's --pidfile (default: {DEFAULT_PIDFILE})"
     )
+    statusParser = commands.add_parser(
+        "status",
+        help="ask the running proxy's admin listener: up, ready (or why not), counters",
+        description="Read /healthz, /readyz and /metrics of the admin listener. "
+        "Exit status: 0 ready, 1 not ready, 2 not reachable.",
+    )
+    where = statusParser.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="FILE", help="the proxy's config: its [admin] listen")
+    where.add_argument("--admin", metavar="URL", help="the admin listener's URL (default: http://127.0.0.1:9100)")
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
@@ -388,6 +550,15 @@ def _run(argv: list[str] | None) -> int:
         return migrate(arguments.file, arguments.out, arguments.force)
     if arguments.command == "reload":
         return reload(arguments.pidfile)
+    if arguments.command == "status":
+        base = arguments.admin
+        if base is None:
+            try:
+                base = adminURL(config.load(arguments.config) if arguments.config else None)
+            except (config.ConfigError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        return status(base)
     if arguments.command == "keystore":
         if arguments.action == "show":
             return keystoreShow(arguments)

@@ -6,10 +6,13 @@ C{status}, C{explain}; and the systemd unit and C{etc/bin} wrappers.
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import os
 import signal
+import socket
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -391,3 +394,222 @@ def test_reloadNotPermitted(pidfile_proxy: PidfileProxy, monkeypatch, capsys) ->
     err = capsys.readouterr().err
     assert err == f"error: not allowed to signal process {pidfile_proxy.proc.pid} (run this as its user, or root)\n"
     assert not pidfile_proxy.waitOutput(DONE, timeout=0.5)
+
+
+# --- status ----------------------------------------------------------------------
+
+# What /metrics of mydataproxy.ops.metrics looks like (prometheus_client's text).
+METRICS = """\
+# HELP mydataproxy_requests_total Requests answered, by mode, method class and status
+# TYPE mydataproxy_requests_total counter
+mydataproxy_requests_total{method="safe",mode="absolute",status="200"} 5.0
+mydataproxy_requests_total{method="connect",mode="connect",status="403"} 2.0
+mydataproxy_requests_total{method="unsafe",mode="header",status="502"} 1.0
+mydataproxy_requests_total{method="safe",mode="header",status="none"} 0.0
+# HELP mydataproxy_refusals_total Requests and connections the proxy refused, by the rule that decided
+# TYPE mydataproxy_refusals_total counter
+mydataproxy_refusals_total{rule="forward.connect_ports"} 2.0
+mydataproxy_refusals_total{rule="egress.default"} 3.0
+# HELP mydataproxy_client_connections Client connections open, by listener
+# TYPE mydataproxy_client_connections gauge
+mydataproxy_client_connections{listener="forward"} 4.0
+mydataproxy_client_connections{listener="reverse"} 1.0
+# HELP mydataproxy_tunnels Tunnels open (CONNECT, websocket), by listener
+# TYPE mydataproxy_tunnels gauge
+mydataproxy_tunnels{listener="forward"} 2.0
+mydataproxy_tunnels{listener="reverse"} 0.0
+# HELP mydataproxy_upstream_pool_connections Upstream connections, in use (or opening) and idle
+# TYPE mydataproxy_upstream_pool_connections gauge
+mydataproxy_upstream_pool_connections{state="in_use"} 3.0
+mydataproxy_upstream_pool_connections{state="idle"} 7.0
+# HELP mydataproxy_upstream_pool_rejected_total Requests refused a connection (503)
+# TYPE mydataproxy_upstream_pool_rejected_total counter
+mydataproxy_upstream_pool_rejected_total 1.0
+# HELP mydataproxy_queue_depth Requests waiting for a turn, by queue
+# TYPE mydataproxy_queue_depth gauge
+mydataproxy_queue_depth{queue="upstream pool"} 6.0
+mydataproxy_queue_depth{queue="api"} 9.0
+# HELP mydataproxy_upstream_tls_failures_total Failed TLS handshakes with origins, by destination and check
+# TYPE mydataproxy_upstream_tls_failures_total counter
+mydataproxy_upstream_tls_failures_total{check="pin",destination="bank"} 2.0
+# HELP mydataproxy_dns_failures_total Names that did not resolve
+# TYPE mydataproxy_dns_failures_total counter
+mydataproxy_dns_failures_total{kind="not_found"} 2.0
+mydataproxy_dns_failures_total{kind="timeout"} 1.0
+# HELP mydataproxy_log_lines_dropped_total Log lines not written
+# TYPE mydataproxy_log_lines_dropped_total counter
+mydataproxy_log_lines_dropped_total{log="access",why="dropped"} 11.0
+mydataproxy_log_lines_dropped_total{log="access",why="lost"} 4.0
+mydataproxy_log_lines_dropped_total{log="error",why="lost"} 1.0
+# HELP mydataproxy_certificate_expiry_seconds Seconds until a certificate expires
+# TYPE mydataproxy_certificate_expiry_seconds gauge
+mydataproxy_certificate_expiry_seconds{store="forward.tls",subject="CN=proxy"} 8640000.0
+mydataproxy_certificate_expiry_seconds{store="upstream.tls",subject="CN=client"} 1728000.0
+# HELP mydataproxy_build_info The running version
+# TYPE mydataproxy_build_info gauge
+mydataproxy_build_info{python="3.11.2",twisted="26.10.0",version="1.2.3"} 1.0
+# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds {start}
+"""
+
+
+class StandIn:
+    """
+    An admin listener stand-in on a real loopback socket: C{answers} maps a
+    path to (status, body); other paths get 404.
+    """
+
+    def __init__(self, answers: dict[str, tuple[int, str]]) -> None:
+        self.answers = answers
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.paths.append(self.path)
+                code, body = outer.answers.get(self.path, (404, "not found\n"))
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stand_in():
+    started: list[StandIn] = []
+
+    def start(ready: tuple[int, str] = (200, "ready\n"), metrics: str | None = None) -> StandIn:
+        text = METRICS.replace("{start}", repr(time.time() - 3 * 86400 - 4 * 3600 - 5 * 60 - 6))
+        server = StandIn({"/healthz": (200, "ok\n"), "/readyz": ready,
+                          "/metrics": (200, text if metrics is None else metrics)})
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_statusReady(stand_in, capsys) -> None:
+    server = stand_in()
+    assert cli.main(["status", "--admin", server.url]) == 0
+    out = capsys.readouterr().out
+    assert sorted(server.paths) == ["/healthz", "/metrics", "/readyz"]
+    lines = out.splitlines()
+    assert lines[0] == f"MyData Proxy 1.2.3 at {server.url}: up, ready"
+    assert "  uptime:         3d 4h 5m 6s" in lines or "  uptime:         3d 4h 5m 7s" in lines, out
+    expected = [
+        "  listeners:      forward: 4 connections, 2 tunnels; reverse: 1 connections, 0 tunnels",
+        "  requests:       8 (2xx 5, 4xx 2, 5xx 1)",
+        "  refusals:       5 (most: egress.default 3, forward.connect_ports 2)",
+        "  upstream pool:  3 in use, 7 idle, 6 waiting, 1 refused (503)",
+        "  TLS failures:   2",
+        "  DNS failures:   3",
+        "  log lines:      11 dropped, 5 lost",
+        "  next expiry:    CN=client (upstream.tls) in 20 days",
+    ]
+    for line in expected:
+        assert line in lines, out
+
+
+def test_statusNotReady(stand_in, capsys) -> None:
+    server = stand_in(ready=(503, "listener reverse is not bound\n\ndraining\n"))
+    assert cli.main(["status", "--admin", server.url + "/"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"MyData Proxy 1.2.3 at {server.url}: up, NOT READY (503)"
+    assert lines[1:3] == ["  not ready:      listener reverse is not bound", "  not ready:      draining"]
+
+
+def test_statusWithoutMetrics(stand_in, capsys) -> None:
+    """Up and ready with /metrics missing or garbled: the verdict stands, counters are left out."""
+    server = stand_in(metrics="this is { not prometheus\n")
+    assert cli.main(["status", "--admin", server.url]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"MyData Proxy at {server.url}: up, ready\n"
+    assert "not Prometheus text" in captured.err
+    server.answers.pop("/metrics")
+    assert cli.main(["status", "--admin", server.url]) == 0
+    assert capsys.readouterr().out == f"MyData Proxy at {server.url}: up, ready\n"
+
+
+def test_statusUnreachable(closed_port: int, capsys) -> None:
+    assert cli.main(["status", "--admin", f"http://127.0.0.1:{closed_port}"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"down: the admin listener at http://127.0.0.1:{closed_port} does not answer (")
+    assert "refused" in out
+
+
+def test_statusWedged(monkeypatch, capsys) -> None:
+    """A listener that accepts (the kernel's backlog) but never answers: a wedged reactor."""
+    monkeypatch.setattr(cli, "STATUS_TIMEOUT", 0.5)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        assert cli.main(["status", "--admin", url]) == 2
+        assert time.monotonic() - started < 5
+    assert capsys.readouterr().out.startswith(f"down: the admin listener at {url} does not answer (")
+
+
+def test_statusUnhealthy(stand_in, capsys) -> None:
+    server = stand_in()
+    server.answers["/healthz"] = (500, "wedged\n")
+    assert cli.main(["status", "--admin", server.url]) == 2
+    assert capsys.readouterr().out == f"down: {server.url}/healthz answered 500\n"
+
+
+def test_statusFromConfig(stand_in, tmp_path: Path, capsys) -> None:
+    server = stand_in()
+    port = server.server.server_address[1]
+    path = tmp_path / "mydataproxy.toml"
+    path.write_text(f'[admin]\nlisten = "tcp:{port}:interface=127.0.0.1"\n')
+    assert cli.main(["status", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"MyData Proxy 1.2.3 at http://127.0.0.1:{port}: up, ready\n")
+    path.write_text("[forward]\n")
+    assert cli.main(["status", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path} has no [admin] section: the admin listener is not running\n"
+
+
+def test_statusIgnoresProxyVariables(stand_in, closed_port: int) -> None:
+    """The admin listener is asked directly, whatever http_proxy says."""
+    server = stand_in()
+    env = dict(os.environ, http_proxy=f"http://127.0.0.1:{closed_port}", HTTP_PROXY=f"http://127.0.0.1:{closed_port}")
+    env.pop("no_proxy", None)
+    env.pop("NO_PROXY", None)
+    result = subprocess.run([str(BIN / "mydataproxy"), "status", "--admin", server.url], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "up, ready" in result.stdout
+
+
+@pytest.mark.parametrize("listen, url", [
+    (None, "http://127.0.0.1:9100"),
+    ("tcp:9200", "http://127.0.0.1:9200"),
+    ("tcp:9200:interface=0.0.0.0", "http://127.0.0.1:9200"),
+    ("tcp:9200:interface=\\\\:\\\\:", "http://[::1]:9200"),
+    ("tcp6:9200:interface=\\\\:\\\\:1", "http://[::1]:9200"),
+    ("tcp:9200:interface=10.0.0.5", "http://10.0.0.5:9200"),
+])
+def test_adminURL(tmp_path: Path, listen: str | None, url: str) -> None:
+    if listen is None:
+        assert cli.adminURL(None) == url
+        return
+    path = tmp_path / "mydataproxy.toml"
+    path.write_text(f'[admin]\nlisten = "{listen}"\n')
+    assert cli.adminURL(config.load(path)) == url
