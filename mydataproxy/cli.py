@@ -12,6 +12,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from twisted.python.failure import Failure
+
 from mydataproxy import config, material
 from mydataproxy.config.dump import settingsToToml
 
@@ -346,6 +348,251 @@ def status(base: str) -> int:
     return 0 if ready == 200 else 1
 
 
+class _WatchedResolver:
+    """
+    The pipeline's resolver, noting the names it had to look up (hosts
+    file, then DNS) and their answers: C{explain} says whether a request
+    would ask.
+    """
+
+    def __init__(self, resolver) -> None:
+        self._resolver = resolver
+        self.answers: dict[str, list[str]] = {}
+
+    def known(self, host: str) -> list[str] | None:
+        """As L{mydataproxy.egress.resolver.Resolver.known}."""
+        return self._resolver.known(host)
+
+    def resolve(self, host: str):
+        """As L{mydataproxy.egress.resolver.Resolver.resolve}, noting a lookup and its answer."""
+        lookup = self._resolver.known(host) is None
+        d = self._resolver.resolve(host)
+        if lookup:
+            d.addCallback(self._answered, host)
+        return d
+
+    def _answered(self, addresses: list[str], host: str) -> list[str]:
+        self.answers[host] = addresses
+        return addresses
+
+
+class _AssumedUser:
+    """An authenticator that takes the C{--user} of C{explain} for proven (no password is checked)."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    def authenticate(self, credentials: list[bytes] | None, client: str):
+        """The user, as L{mydataproxy.egress.auth.ProxyAuthenticator.authenticate} would give it."""
+        from twisted.internet.defer import succeed
+
+        return succeed(self.user)
+
+
+def _headerArguments(values: list[str]) -> dict[bytes, list[bytes]]:
+    """C{--header NAME=VALUE} (or C{NAME: VALUE}) arguments by lower-cased name."""
+    headers: dict[bytes, list[bytes]] = {}
+    for value in values:
+        cut = min((i for i in (value.find("="), value.find(":")) if i > 0), default=-1)
+        if cut < 0:
+            raise ValueError(f"--header {value!r}: give NAME=VALUE")
+        name, text = value[:cut].strip(), value[cut + 1 :].strip()
+        headers.setdefault(name.lower().encode("ascii"), []).append(text.encode("utf-8"))
+    return headers
+
+
+def _step(name: str, text: str) -> None:
+    """One step of C{explain}."""
+    print(f"  {name + ':':<14}{text}")
+
+
+def _refused(status: int, reason: str, rule: str = "") -> int:
+    """C{explain}'s verdict for a refusal, as the proxy's log line words it; the exit status."""
+    print(f"verdict: {status} {reason}" + (f" (refused by {rule})" if rule else ""))
+    return 1
+
+
+def _allowed(text: str) -> int:
+    """C{explain}'s verdict for an admitted request; the exit status."""
+    print(f"verdict: allowed, {text}")
+    return 0
+
+
+async def _explainForward(reactor, settings: config.Settings, loaded: material.Material, arguments) -> None:
+    """
+    C{explain} on the forward listener: the steps the listener and the
+    pipeline take, in their order, on a reactor; nothing is sent to the
+    target.  Ends with C{SystemExit} (L{task.react}'s way to an exit status).
+    """
+    from twisted.internet.error import DNSLookupError
+
+    from mydataproxy.egress.auth import ProxyAuthenticator
+    from mydataproxy.egress.policy import Request, connectAllowed, httpPortAllowed
+    from mydataproxy.egress.resolver import Resolver
+    from mydataproxy.http.target import Mode, Refusal, parseTarget
+    from mydataproxy.pipeline import RequestPipeline
+    from mydataproxy.upstream.client import UpstreamPool
+
+    headers = arguments.headers
+    forward = settings.forward
+    user = arguments.user
+    authenticator: ProxyAuthenticator | _AssumedUser | None = None
+    if loaded.htpasswd is None and user is not None:
+        print("warning: forward.auth_file is not set: --user is ignored", file=sys.stderr)
+        user = None
+    elif loaded.htpasswd is not None:
+        authenticator = (
+            _AssumedUser(user) if user is not None
+            else ProxyAuthenticator(loaded.htpasswd, forward.auth_realm, reactor)
+        )
+    resolver = _WatchedResolver(Resolver(reactor, settings.resolver))
+    pipeline = RequestPipeline(settings, resolver, authenticator, reactor)
+    print(f"explain {arguments.method} {arguments.url} from {arguments.client} ({settings.source})")
+    client = pipeline.clientOf(arguments.client, headers.get(b"x-forwarded-for"))
+    try:
+        pipeline.admitClient(client)
+        _step("client", f"{client}: allowed ({pipeline.access.allowed(client).rule})")
+        if settings.limits.requests_per_second:
+            _step("rate", f"limits.requests_per_second {settings.limits.requests_per_second:g}: "
+                          "not judged here (it counts the client's recent requests)")
+        target = parseTarget(arguments.method.encode("ascii"), arguments.url.encode("utf-8"),
+                             headers.get(b"x-target-host"))
+        _step("target", f"{target.mode.value}: {target.display}")
+        pipeline.checkTarget(target)
+    except Refusal as refusal:
+        raise SystemExit(_refused(refusal.status, refusal.reason, refusal.rule)) from None
+    destination = target.destination
+    connect = target.mode is Mode.CONNECT
+    port = connectAllowed(forward, destination.port) if connect else httpPortAllowed(forward, destination.port)
+    if not connect:
+        _step("port", f"allowed ({port.rule})")
+    if authenticator is None:
+        _step("auth", "off (forward.auth_file is not set)")
+    elif user is not None:
+        _step("auth", f"{user!r}, assumed (no password is checked here)")
+    request = Request(target.mode.value, destination.host, destination.port, user, arguments.certificate)
+    try:
+        admitted = await pipeline.admit(None, target, arguments.certificate, client)
+    except Refusal as refusal:
+        if refusal.rule.startswith("forward.auth_file"):
+            _step("auth", "refused: no credentials (--user takes the request as authenticated)")
+        elif connect and refusal.rule == port.rule:
+            _step("port", f"refused ({port.rule})")
+        elif resolver.known(destination.host) is None and destination.host not in resolver.answers:
+            _step("DNS", "not asked: the rules refuse this name whatever it resolves to")
+        else:
+            _explainAddresses(pipeline, request, resolver, ())
+        raise SystemExit(_refused(refusal.status, refusal.reason, refusal.rule)) from None
+    except DNSLookupError as e:
+        failure = UpstreamPool(reactor, settings.upstream, loaded.originTLS).describeConnectFailure(
+            destination, Failure(e)
+        )
+        _step("DNS", f"asked for {destination.host} (resolver.hosts_file, then DNS): no answer")
+        raise SystemExit(_refused(failure.status, failure.reason)) from None
+    if connect:
+        _step("port", f"allowed ({port.rule})")
+    _explainAddresses(pipeline, request, resolver, admitted.addresses)
+    addresses = ", ".join(admitted.addresses)
+    if connect:
+        raise SystemExit(_allowed(f"a tunnel to {addresses} port {admitted.port}"))
+    if admitted.scheme == "https":
+        profile = loaded.originTLS.profileFor(admitted.host)
+        _step("TLS profile", f"{profile.name}: {_describeProfile(profile)}")
+    _step("pool key", f"scheme={admitted.scheme} host={admitted.host} port={admitted.port} addresses={addresses}")
+    raise SystemExit(_allowed(f"to {target.display} via {addresses}"))
+
+
+def _explainAddresses(pipeline, request, resolver: _WatchedResolver, allowed: tuple[str, ...]) -> None:
+    """The DNS step of C{explain}, and the egress policy's verdict on each address."""
+    host = request.host
+    if host in resolver.answers:
+        addresses = resolver.answers[host]
+        _step("DNS", f"asked for {host} (resolver.hosts_file, then DNS): {', '.join(addresses)}")
+    else:
+        addresses = resolver.known(host) or []
+        _step("DNS", f"not needed ({host} is an IP address)")
+    for address in addresses:
+        decision = pipeline.egress.decideAddress(request, address)
+        _step("egress", f"{address}: {'allowed' if address in allowed else 'refused'} ({decision.rule})")
+
+
+def _explainReverse(
+    settings: config.Settings, reverse: config.ReverseSettings, loaded: material.Material, arguments
+) -> int:
+    """C{explain --reverse}: the route and backend targets a path on the reverse listener gets."""
+    from mydataproxy.egress.policy import ClientAccess
+    from mydataproxy.http.target import Destination, Refusal
+    from mydataproxy.reverse.routes import RouteTable, backendTarget, checkTarget, requestHost
+
+    print(f"explain {arguments.method} {arguments.url} on the reverse listener from {arguments.client}"
+          f" ({settings.source})")
+    access = ClientAccess(reverse, "reverse")
+    headers = arguments.headers
+    client = access.clientAddress(arguments.client, headers.get(b"x-forwarded-for"))
+    target = arguments.url.encode("utf-8")
+    hosts = headers.get(b"host")
+    try:
+        decision = access.allowed(client)
+        if not decision.allowed:
+            raise Refusal(403, "client address not allowed", decision.rule)
+        _step("client", f"{client}: allowed ({decision.rule})")
+        if arguments.method == "CONNECT":
+            raise Refusal(405, "CONNECT is not served by the reverse proxy")
+        checkTarget(target)
+        route, rest = RouteTable(reverse.routes).match(requestHost(hosts[-1]) if hosts else None, target)
+    except Refusal as refusal:
+        return _refused(refusal.status, refusal.reason, refusal.rule)
+    where = f" on {', '.join(route.hosts)}" if route.hosts else ""
+    _step("route", f"{route.name} (prefix {route.prefix.decode('ascii')}{where})")
+    _step("balance", f"{route.balance} over {len(route.backends)} backend(s)"
+                     + (f", at most {route.max_concurrent} in flight" if route.max_concurrent else ""))
+    _step("egress", "not applied: backends are the operator's configuration")
+    urls = []
+    for backend in route.backends:
+        url = str(Destination(backend.scheme, backend.host, backend.port)) + backendTarget(
+            backend, route.prefix, rest
+        ).decode("ascii", "replace")
+        urls.append(url)
+        _step("backend", url)
+        if backend.scheme == "https":
+            profile = loaded.originTLS.profileFor(backend.host)
+            _step("TLS profile", f"{profile.name}: {_describeProfile(profile)}")
+    others = f" (or {len(urls) - 1} other backend(s), by {route.balance})" if len(urls) > 1 else ""
+    return _allowed(f"route {route.name} to {urls[0]}{others}")
+
+
+def explain(arguments: argparse.Namespace) -> int:
+    """
+    C{mydataproxy explain}: run a request's admission as the proxy would,
+    sending nothing to the target, and print each step's verdict and the
+    rule that decided it.
+
+    @return: 0 allowed, 1 refused, 2 a bad config or argument.
+    """
+    try:
+        settings = config.load(arguments.config) if arguments.config else config.Settings()
+        loaded = material.loadMaterial(settings)
+        arguments.headers = _headerArguments(arguments.header)
+    except (config.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    arguments.method = arguments.method.upper()
+    if arguments.host is not None:
+        arguments.headers[b"host"] = [arguments.host.encode("utf-8")]
+    if arguments.reverse:
+        if settings.reverse is None:
+            print(f"error: {settings.source} has no [reverse] section: there is no reverse listener", file=sys.stderr)
+            return 2
+        return _explainReverse(settings, settings.reverse, loaded, arguments)
+    if not settings.forward.enabled:
+        print(f"error: forward.enabled is false in {settings.source}: there is no forward listener", file=sys.stderr)
+        return 2
+    from twisted.internet import task
+
+    # Runs the reactor, then exits with the status _explainForward raises.
+    task.react(_explainForward, (settings, loaded, arguments))
+
+
 #: Where C{keystore} commands find the store password when no C{--password}
 #: is given (the variable's value is the password itself).
 PASSWORD_VARIABLE = "MYDATAPROXY_KEYSTORE_PASSWORD"
@@ -543,6 +790,29 @@ def _run(argv: list[str] | None) -> int:
     where = statusParser.add_mutually_exclusive_group()
     where.add_argument("--config", metavar="FILE", help="the proxy's config: its [admin] listen")
     where.add_argument("--admin", metavar="URL", help="the admin listener's URL (default: http://127.0.0.1:9100)")
+    explainParser = commands.add_parser(
+        "explain",
+        help="run a request's admission without sending anything: each step's verdict and rule",
+        description="Run the admission of one request as the proxy would (client, ports, rules, DNS when "
+        "the rules need it, egress policy), sending nothing to the target; print each step's verdict, "
+        "the rule that decided it, the TLS profile and the pool key. Exit status: 0 allowed, 1 refused.",
+    )
+    explainParser.add_argument("method", help="GET, POST, ... or CONNECT")
+    explainParser.add_argument(
+        "url", help="http(s)://host[:port]/path, host:port for CONNECT, /path with --header x-target-host=URL or --reverse"
+    )
+    explainParser.add_argument("--config", metavar="FILE", help="the proxy's config (default: the embedded defaults)")
+    explainParser.add_argument("--client", default="127.0.0.1", metavar="IP", help="the client's address (default: 127.0.0.1)")
+    explainParser.add_argument("--user", metavar="USER", help="take the request as authenticated by USER")
+    explainParser.add_argument(
+        "--certificate", default="", metavar="SUBJECT", help="the client certificate's subject (RFC 4514)"
+    )
+    explainParser.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE",
+        help="a request field: x-target-host, x-forwarded-for, host (repeatable)",
+    )
+    explainParser.add_argument("--reverse", action="store_true", help="a path on the reverse listener")
+    explainParser.add_argument("--host", help="the Host field (--reverse)")
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
@@ -550,6 +820,8 @@ def _run(argv: list[str] | None) -> int:
         return migrate(arguments.file, arguments.out, arguments.force)
     if arguments.command == "reload":
         return reload(arguments.pidfile)
+    if arguments.command == "explain":
+        return explain(arguments)
     if arguments.command == "status":
         base = arguments.admin
         if base is None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography import x509
 
-from conftest import BIN, TWISTD, DnsServer, default_config, get_free_port, to_toml, wait_for_port
+from conftest import BIN, TWISTD, DnsServer, RawConnection, default_config, get_free_port, to_toml, wait_for_port
 from mydataproxy import cli, config, material
 from mydataproxy.config.dump import settingsToToml
 
@@ -613,3 +613,203 @@ def test_adminURL(tmp_path: Path, listen: str | None, url: str) -> None:
     path = tmp_path / "mydataproxy.toml"
     path.write_text(f'[admin]\nlisten = "{listen}"\n')
     assert cli.adminURL(config.load(path)) == url
+
+
+# --- explain ---------------------------------------------------------------------
+
+
+def explainVerdict(*argv: str) -> tuple[int, str, list[str]]:
+    """Run C{mydataproxy explain ARGV}: (exit status, its verdict line, its step lines)."""
+    result = mydataproxy("explain", *argv)
+    lines = result.stdout.splitlines()
+    assert lines and lines[-1].startswith("verdict: "), result.stdout + result.stderr
+    return result.returncode, lines[-1].removeprefix("verdict: "), lines[1:-1]
+
+
+def proxyVerdict(proxy, method: str, target: str, headers: dict[str, str]) -> str:
+    """
+    What the running proxy answers C{method target}: C{allowed} and the
+    request target the origin saw (for a 200; C{/echo} echoes it), else the
+    refusal as C{explain} words it (status, reason, rule), from the response
+    and the proxy's log line.
+    """
+    before = proxy.output().count("\n")
+    fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    host = target.split("/")[2] if "://" in target else target
+    with RawConnection(proxy.port) as connection:
+        connection.send(f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{fields}Connection: close\r\n\r\n".encode())
+        response = connection.read_head() if method == "CONNECT" else connection.read_response(method)
+    if response.status == 200:
+        return "allowed " + (response.json()["uri"] if method != "CONNECT" else "tunnel")
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in proxy.output().splitlines()[before:] if f" {method} " in line]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 1, proxy.output()[-2000:]
+    # "<time> [<logger>] <status> <method> <target> [from <client>]: <reason> (refused by <rule>)"
+    reason = lines[0].split("] ", 1)[1].split(": ", 1)[1]
+    return f"{response.status} {reason}"
+
+
+@pytest.fixture
+def ruled_proxy(proxy_factory, dns_server):
+    """A proxy with a denying rule before the test origins' rule, trusting X-Forwarded-For from loopback."""
+    return proxy_factory(
+        forward={"client_allow": ["127.0.0.0/8", "::1/128"], "trusted_proxies": ["127.0.0.1/32"]},
+        egress={"rules": [
+            {"name": "no evil", "action": "deny", "hosts": ["evil.example"]},
+            {"name": "test origins", "action": "allow", "networks": ["127.0.0.0/8", "::1/128"]},
+        ]},
+    )
+
+
+def test_explainAgreesWithTheProxy(ruled_proxy, origin, tls_origin, tcp_origin, dns_server) -> None:
+    dns_server.set("explain-named.test", ["127.0.0.1"])
+    dns_server.set("explain-private.test", ["10.255.0.1"])
+    http = f"http://127.0.0.1:{origin.port}"
+    # What the origin saw, from the proxy; what explain says, from its "to URL via ..." verdict.
+    cases = [
+        ("GET", f"{http}/echo", {}, "allowed /echo"),
+        ("GET", "http://127.0.0.1:25/", {}, "403 port 25 is not allowed (cross-protocol request) (refused by forward.http_ports)"),
+        ("GET", f"http://evil.example:{origin.port}/", {}, "403 destination not allowed (refused by egress.rules[0] no evil)"),
+        ("GET", f"http://explain-named.test:{origin.port}/echo?a=%20", {}, "allowed /echo?a=%20"),
+        ("GET", f"http://explain-private.test:{origin.port}/", {},
+         "403 destination not allowed (refused by egress.guard (private (RFC 1918) 10.0.0.0/8))"),
+        ("GET", f"http://explain-missing.test:{origin.port}/", {}, "502 cannot resolve host explain-missing.test"),
+        ("GET", f"https://127.0.0.1:{tls_origin.port}/echo", {}, "allowed /echo"),
+        ("GET", "/echo", {"x-target-host": f"{http}/base"}, "allowed /base/echo"),
+        ("GET", "/echo", {}, "403 you have to include x-target-host header"),
+        ("GET", f"{http}/", {"X-Forwarded-For": "10.9.9.9"},
+         "403 client address not allowed (refused by forward.client_allow (no match))"),
+        ("CONNECT", f"127.0.0.1:{tcp_origin.port}", {}, "allowed tunnel"),
+        ("CONNECT", "127.0.0.1:8443", {}, "403 CONNECT to port 8443 is not allowed (refused by forward.connect_ports)"),
+    ]
+    for method, target, headers, expected in cases:
+        options = [arg for name, value in headers.items() for arg in ("--header", f"{name}={value}")]
+        status, verdict, steps = explainVerdict("--config", str(ruled_proxy.config_path), *options, method, target)
+        answered = proxyVerdict(ruled_proxy, method, target, headers)
+        assert answered == expected, (method, target, ruled_proxy.output()[-2000:])
+        if expected.startswith("allowed "):
+            seen = expected.removeprefix("allowed ")
+            if seen == "tunnel":
+                assert verdict == f"allowed, a tunnel to 127.0.0.1 port {tcp_origin.port}"
+            else:
+                url = verdict.removeprefix("allowed, to ").partition(" via ")[0]
+                assert status == 0 and "/" + url.split("/", 3)[3] == seen, (verdict, steps)
+        else:
+            assert (status, verdict) == (1, expected), (method, target, steps)
+    # A refused name never reached DNS, from either; an allowed name did, from both.
+    assert dns_server.queries("evil.example") == []
+    assert len(dns_server.queries("explain-named.test")) >= 2
+
+
+def test_explainSteps(ruled_proxy, origin, tls_origin, dns_server) -> None:
+    """What explain says besides its verdict: the rules, whether DNS was asked, TLS profile and pool key."""
+    config_ = str(ruled_proxy.config_path)
+    dns_server.set("explain-steps.test", ["127.0.0.1"])
+    status, verdict, steps = explainVerdict("--config", config_, "GET", f"http://explain-steps.test:{origin.port}/a?b")
+    assert status == 0 and verdict == f"allowed, to http://explain-steps.test:{origin.port}/a?b via 127.0.0.1"
+    assert steps == [
+        "  client:       127.0.0.1: allowed (forward.client_allow 127.0.0.0/8)",
+        f"  target:       absolute: http://explain-steps.test:{origin.port}/a?b",
+        f"  port:         allowed (forward.http_ports {origin.port})",
+        "  auth:         off (forward.auth_file is not set)",
+        "  DNS:          asked for explain-steps.test (resolver.hosts_file, then DNS): 127.0.0.1",
+        "  egress:       127.0.0.1: allowed (egress.rules[1] test origins)",
+        f"  pool key:     scheme=http host=explain-steps.test port={origin.port} addresses=127.0.0.1",
+    ]
+    _, _, steps = explainVerdict("--config", config_, "GET", f"http://evil.example:{origin.port}/")
+    assert steps[-1] == "  DNS:          not asked: the rules refuse this name whatever it resolves to"
+    _, verdict, steps = explainVerdict("--config", config_, "GET", f"https://127.0.0.1:{tls_origin.port}/")
+    assert "  DNS:          not needed (127.0.0.1 is an IP address)" in steps
+    assert "  TLS profile:  upstream.tls: TLSv1.2-TLSv1.3, trust=system" in steps
+    assert steps[-1] == f"  pool key:     scheme=https host=127.0.0.1 port={tls_origin.port} addresses=127.0.0.1"
+    _, verdict, _ = explainVerdict("--config", config_, "--header", f"x-target-host: http://127.0.0.1:{origin.port}/base/",
+                                   "GET", "/v1?x")
+    assert verdict == f"allowed, to http://127.0.0.1:{origin.port}/base/v1?x via 127.0.0.1"
+    # The client it is asked for, and the X-Forwarded-For hop a trusted proxy vouches for.
+    status, verdict, _ = explainVerdict("--config", config_, "--client", "10.1.2.3", "GET", f"http://127.0.0.1:{origin.port}/")
+    assert (status, verdict) == (1, "403 client address not allowed (refused by forward.client_allow (no match))")
+
+
+def test_explainUsersAndProfiles(tmp_path: Path, p12: Path, monkeypatch) -> None:
+    """Rules on users (--user is taken as authenticated) and TLS profiles by host, decided without DNS."""
+    htpasswd = tmp_path / "users"
+    htpasswd.write_text("alice:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=\n")
+    path = tmp_path / "mydataproxy.toml"
+    path.write_text(f"""
+[forward]
+auth_file = "{htpasswd}"
+[egress]
+default = "deny"
+[[egress.rules]]
+name = "alice to 192.0.2.10"
+action = "allow"
+users = ["alice"]
+networks = ["192.0.2.10/32"]
+[[upstream.tls.profiles]]
+name = "bank"
+hosts = ["192.0.2.10"]
+key_store = "{p12}"
+key_store_password = "env:EXPLAIN_PASSWORD"
+serial_number = "1234567890"
+""")
+    monkeypatch.setenv("EXPLAIN_PASSWORD", PASSWORD)
+    status, verdict, steps = explainVerdict("--config", str(path), "--user", "alice", "GET", "https://192.0.2.10/x")
+    assert (status, verdict) == (0, "allowed, to https://192.0.2.10/x via 192.0.2.10")
+    assert "  auth:         'alice', assumed (no password is checked here)" in steps
+    assert "  egress:       192.0.2.10: allowed (egress.rules[0] alice to 192.0.2.10)" in steps
+    profile = next(step for step in steps if step.startswith("  TLS profile:"))
+    assert profile.startswith("  TLS profile:  upstream.tls.profiles[0] bank: hosts=192.0.2.10,")
+    assert f"client certificate from {p12}" in profile and "serialNumber=1234567890" in profile
+    status, verdict, steps = explainVerdict("--config", str(path), "--user", "bob", "GET", "https://192.0.2.10/x")
+    # Not named by a rule for bob: the SSRF guard's documentation range.
+    assert (status, verdict) == (1, "403 destination not allowed (refused by egress.guard (documentation 192.0.2.0/24))")
+    status, verdict, steps = explainVerdict("--config", str(path), "GET", "https://192.0.2.10/x")
+    assert (status, verdict) == (1, "407 proxy authentication required (refused by forward.auth_file)")
+    assert steps[-1] == "  auth:         refused: no credentials (--user takes the request as authenticated)"
+
+
+def test_explainReverseAgreesWithTheProxy(reverse_factory, origin) -> None:
+    proxy = reverse_factory(
+        [
+            {"name": "api", "prefix": "/api/", "backends": [origin.url + "/base/"]},
+            {"name": "portal", "prefix": "/", "hosts": ["portal.example"], "backends": [origin.url + "/p/"]},
+        ],
+        reverse={"client_allow": ["127.0.0.0/8"]},
+    )
+    config_ = str(proxy.config_path)
+    cases = [
+        ("/api/echo%2Fx?q=%20", None, f"route api to {origin.url}/base/echo%2Fx?q=%20", "/base/echo%2Fx?q=%20"),
+        ("/echo", "portal.example", f"route portal to {origin.url}/p/echo", "/p/echo"),
+        ("/echo", "other.example", None, "404 no route for /echo on other.example (refused by reverse.routes)"),
+        ("/api/../etc", None, None, "400 bad request: dot segment in the path"),
+    ]
+    for path, host, route, expected in cases:
+        options = ["--host", host] if host else []
+        status, verdict, _ = explainVerdict("--config", config_, "--reverse", *options, "GET", path)
+        with RawConnection(proxy.reverse_port) as connection:
+            connection.send(f"GET {path} HTTP/1.1\r\nHost: {host or 'localhost'}\r\nConnection: close\r\n\r\n".encode())
+            response = connection.read_response()
+        if route is not None:
+            assert (status, verdict) == (0, f"allowed, {route}")
+            assert (response.status, response.json()["uri"]) == (200, expected)
+        else:
+            assert (status, verdict) == (1, expected)
+            assert f"{response.status} {response.body.decode().strip()}" == expected.partition(" (refused by")[0]
+    status, verdict, _ = explainVerdict("--config", config_, "--reverse", "--client", "10.0.0.1", "GET", "/api/x")
+    assert (status, verdict) == (1, "403 client address not allowed (refused by reverse.client_allow (no match))")
+
+
+def test_explainBadArguments(tmp_path: Path) -> None:
+    path = tmp_path / "mydataproxy.toml"
+    path.write_text("[forward]\n")
+    for argv, message in [
+        (["--header", "x-target-host", "GET", "/"], "give NAME=VALUE"),
+        (["--reverse", "GET", "/"], "has no [reverse] section"),
+        (["GET", "http://127.0.0.1/", "--config", str(tmp_path / "absent.toml")], "cannot read"),
+    ]:
+        result = mydataproxy("explain", "--config", str(path), *argv)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
