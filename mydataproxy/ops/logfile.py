@@ -62,7 +62,12 @@ class RotatingFile:
         """
         if createDirectory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, MODE)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, MODE)
+        except FileExistsError:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        else:
+            os.fchmod(fd, MODE)  # 0640 whatever the umask
         self._fd = fd
         status = os.fstat(fd)
         # A pipe or a device (a FIFO, /dev/stdout) is written, never rotated.

@@ -46,7 +46,6 @@ from mydataproxy.ops.logfile import RotatingFile
 txaio.use_twisted()
 log = txaio.make_logger()
 
-QUEUE_BATCHES = 256
 BATCH_LINES = 256
 FLUSH_SECONDS = 0.2
 # How long stopping waits for the writer (a hung mount must not hang shutdown).
@@ -108,7 +107,11 @@ class LogWriter:
         self.dropped = 0
         self.lost = 0
         self._reactor = reactor
-        self._queue: queue.Queue[list[str] | None] = queue.Queue(max(1, settings.queue_lines // BATCH_LINES))
+        # Bounded by lines (queue_lines), counted here: the reactor adds,
+        # the writer takes away.
+        self._queue: queue.Queue[list[str] | None] = queue.Queue()
+        self._queuedLines = 0
+        self._queuedLock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._batch: list[str] = []
         self._handed = 0
@@ -149,14 +152,17 @@ class LogWriter:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
+        with self._queuedLock:
+            full = self._queuedLines + len(batch) > self.settings.queue_lines
+            if not full:
+                self._queuedLines += len(batch)
+        if full:
             self.dropped += len(batch)
             if not self._dropping:
                 self._dropping = True
                 log.warn("{name} {path} is not keeping up: dropping lines", name=self.name, path=self.path)
         else:
+            self._queue.put_nowait(batch)
             self._handed += len(batch)
             if self._dropping:
                 self._dropping = False
@@ -194,14 +200,12 @@ class LogWriter:
             if call.running:
                 call.stop()
         self.flush()
+        self._report()
         thread, self._thread = self._thread, None
         if thread is None:
             return
         deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            pass
+        self._queue.put_nowait(_STOP)
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             log.error(
@@ -259,6 +263,8 @@ class LogWriter:
                     failing = False
                     self._reactor.callFromThread(self._writeRecovered)
             self._done += len(batch)
+            with self._queuedLock:
+                self._queuedLines -= len(batch)
 
     def _closeQuietly(self) -> None:
         try:
@@ -292,7 +298,7 @@ class AccessLog:
         now: Callable[[], float] = time.time,
     ) -> None:
         if settings is None:
-            settings = LoggingSettings(queue_lines=QUEUE_BATCHES * BATCH_LINES)
+            settings = LoggingSettings()
         self.path = path
         self.writer = LogWriter(path, "access log", reactor, settings, now, chained=settings.tamper_evident)
         self._timestamp = Timestamps(settings.time == "local")
@@ -405,7 +411,9 @@ class ErrorLog:
     def __call__(self, event: dict) -> None:
         text = formatEventAsClassicLogText(event, formatTime=lambda when: self._timestamp(when))
         if text:
-            self.writer.add(text)
+            # Twisted continues a multi-line message on indented lines; every
+            # other control character is escaped, as in the access log.
+            self.writer.add(_CONTROL.sub(_escape, text))
 
 
 # Quoted: empty values and those with a space, quote or backslash.  Escaped
@@ -427,6 +435,9 @@ def _quoted(value: str) -> str:
     if value and not _NEEDS_QUOTING.search(value):
         return value
     return '"' + _ESCAPED.sub(_escape, value) + '"'
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _inQuotes(value: str) -> str:

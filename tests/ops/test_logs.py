@@ -40,9 +40,9 @@ def test_linesReachTheFileInOrderWithTheirFields(tmp_path: Path) -> None:
     assert 'target="http://h/two words"' in lines[1]
 
 
-def test_aFullQueueDropsAndCountsInsteadOfBlocking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(logs, "QUEUE_BATCHES", 1)
-    log = logs.AccessLog(str(tmp_path / "access.log"), Clock())  # writer not started: nothing drains
+def test_aFullQueueDropsAndCountsInsteadOfBlocking(tmp_path: Path) -> None:
+    # The writer is not started: nothing drains the one line the queue holds.
+    log = logs.AccessLog(str(tmp_path / "access.log"), Clock(), LoggingSettings(queue_lines=1))
     record(log)
     log.flush()
     assert log.dropped == 0
@@ -173,12 +173,11 @@ def test_writeFailuresAreReportedThroughTheReactorOnce(events) -> None:
 
 def test_stopGivesUpOnAStuckWriter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events) -> None:
     """A writer blocked in write (a hung mount; here a pipe nobody reads) cannot hang stop()."""
-    monkeypatch.setattr(logs, "QUEUE_BATCHES", 2)
     monkeypatch.setattr(logs, "STOP_SECONDS", 0.5, raising=False)
     fifo = tmp_path / "stuck"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    log = logs.AccessLog(str(fifo), ThreadedClock())
+    log = logs.AccessLog(str(fifo), ThreadedClock(), LoggingSettings(queue_lines=2 * logs.BATCH_LINES))
     try:
         log.start()
         for _ in range(4):  # more than the pipe holds, then a full queue

@@ -1,5 +1,7 @@
 """twistd plugin: C{twistd -n mydataproxy [--config FILE]}."""
 
+import os
+
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
@@ -22,6 +24,13 @@ class Options(usage.Options):
             # One line that names file, key and problem: a UsageError would
             # have twistd print its whole option summary above it.
             raise SystemExit(f"mydataproxy: {e}") from None
+        directory = settings.logging.directory
+        if directory:
+            # Here, before twistd's own logging starts: a failure is one line.
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise SystemExit(f"mydataproxy: logging.directory: cannot create {directory}: {e.strerror}") from None
         self["settings"] = settings
 
 
