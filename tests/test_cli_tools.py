@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography import x509
 
-from conftest import BIN, TWISTD, DnsServer, RawConnection, default_config, get_free_port, to_toml, wait_for_port
+from conftest import (
+    BIN, TWISTD, DnsServer, RawConnection, default_config, get_free_port, to_toml, wait_for_port,
+)
 from mydataproxy import cli, config, material
 from mydataproxy.config.dump import settingsToToml
 
@@ -813,3 +817,141 @@ def test_explainBadArguments(tmp_path: Path) -> None:
     ]:
         result = mydataproxy("explain", "--config", str(path), *argv)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+# --- etc/systemd and etc/bin ---------------------------------------------------------
+
+UNIT = ETC / "systemd" / "mydataproxy.service"
+
+
+def unitEntries(text: str) -> dict[str, list[tuple[str, str]]]:
+    """A unit file's (key, value) entries by section, in order (keys may repeat)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), [])
+            continue
+        key, separator, value = line.partition("=")
+        assert separator and current is not None, raw
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def test_systemdUnit(tmp_path: Path) -> None:
+    """The unit's required keys; and systemd's own verdict, where systemd-analyze is installed."""
+    text = UNIT.read_text()
+    sections = unitEntries(text)
+    service = dict(sections["Service"])
+    assert service["User"] == "mydataproxy" and service["Restart"] == "on-failure"
+    for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes"), ("CapabilityBoundingSet", ""), ("AmbientCapabilities", "")]:
+        assert service[key] == value, key
+    assert service["ReadWritePaths"].lstrip("-").split() == ["/mnt/proxy/log"]
+    assert service["ExecReload"].split() == ["/bin/kill", "-HUP", "$MAINPID"]
+    start = service["ExecStart"].split()
+    assert Path(start[0]).name == "twistd" and start[1:4] == ["-n", "--pidfile=", "mydataproxy"]
+    assert start[4] == "--config" and len(start) == 6
+    assert dict(sections["Install"])["WantedBy"] == "multi-user.target"
+    # An empty CapabilityBoundingSet= is the last word on capabilities.
+    capabilities = [value for key, value in sections["Service"] if key == "CapabilityBoundingSet"]
+    assert capabilities == [""]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return  # Machines without systemd (CI containers): the keys above are the test.
+    # verify wants ExecStart's program to exist: point it at this checkout's.
+    unit = tmp_path / "mydataproxy.service"
+    unit.write_text(text.replace(start[0], str(TWISTD)))
+    result = subprocess.run([analyze, "verify", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+def script(name: str, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(ETC / "bin" / name), *argv], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def wrapper_env(tmp_path: Path, dns_server):
+    """The etc/bin wrappers' environment: a proxy config, pidfile and console in tmp_path."""
+    port = get_free_port()
+    configPath = tmp_path / "mydataproxy.toml"
+    configPath.write_text(to_toml(default_config(port, tmp_path / "access.log", [443], dns_server)))
+    env = dict(os.environ, MYDATAPROXY_CONFIG=str(configPath), MYDATAPROXY_PIDFILE=str(tmp_path / "run" / "p.pid"),
+               MYDATAPROXY_CONSOLE=str(tmp_path / "run" / "console.log"), MYDATAPROXY_HOME=str(ROOT))
+    started: list[int] = []
+    yield env, port, started
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_wrappersStartStatusStop(wrapper_env) -> None:
+    env, port, started = wrapper_env
+    result = script("start.sh", env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pid = int(result.stdout.split("(pid ")[1].split(")")[0])
+    started.append(pid)
+    assert wait_for_port(port, 5.0)
+    assert Path(env["MYDATAPROXY_PIDFILE"]).read_text().strip() == str(pid)
+    again = script("start.sh", env)
+    assert (again.returncode, again.stdout) == (1, f"MyData Proxy is already running (pid {pid})\n")
+    status = script("sp.sh", env)
+    assert status.returncode == 0
+    assert status.stdout.startswith(f"MyData Proxy is running (pid {pid}, RSS ")
+    assert "has no [admin] section" in status.stdout
+    # The reload command finds it through the same pidfile.
+    assert mydataproxy("reload", "--pidfile", env["MYDATAPROXY_PIDFILE"]).returncode == 0
+    stop = script("kill.sh", env)
+    assert (stop.returncode, stop.stdout) == (0, f"MyData Proxy (pid {pid}) stopped\n")
+    assert not Path(f"/proc/{pid}/cmdline").exists() or Path(f"/proc/{pid}/cmdline").read_bytes() == b""
+    console = Path(env["MYDATAPROXY_CONSOLE"]).read_text()
+    assert DONE in console and "Received SIGTERM" in console
+    assert script("sp.sh", env).returncode == 3
+    assert script("kill.sh", env).stdout.startswith("MyData Proxy is not running")
+
+
+def test_wrapperStartRefusesABadConfig(wrapper_env) -> None:
+    env, _, _ = wrapper_env
+    Path(env["MYDATAPROXY_CONFIG"]).write_text("[forward]\nlisten = 9000\n")
+    result = script("start.sh", env)
+    assert result.returncode == 2
+    assert "forward.listen" in result.stderr
+    assert not Path(env["MYDATAPROXY_PIDFILE"]).exists()
+
+
+def test_wrapperKillEscalates(wrapper_env) -> None:
+    """A proxy that does not stop within MYDATAPROXY_STOP_TIMEOUT is killed."""
+    env, _, started = wrapper_env
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
+         "mydataproxy"])
+    started.append(stubborn.pid)
+    pidfile = Path(env["MYDATAPROXY_PIDFILE"])
+    pidfile.parent.mkdir()
+    pidfile.write_text(f"{stubborn.pid}\n")
+    time.sleep(0.2)
+    result = script("kill.sh", dict(env, MYDATAPROXY_STOP_TIMEOUT="1"))
+    assert (result.returncode, result.stdout) == (1, f"MyData Proxy (pid {stubborn.pid}) did not stop within 1 s: killed\n")
+    assert stubborn.wait(5) == -signal.SIGKILL
+    assert not pidfile.exists()
+
+
+def test_wrappersLeaveOtherProgramsAlone(wrapper_env) -> None:
+    """A pidfile whose number now belongs to another program: not running, never signalled."""
+    env, _, started = wrapper_env
+    other = subprocess.Popen(["sleep", "30"])
+    started.append(other.pid)
+    pidfile = Path(env["MYDATAPROXY_PIDFILE"])
+    pidfile.parent.mkdir()
+    pidfile.write_text(f"{other.pid}\n")
+    assert script("sp.sh", env).returncode == 3
+    assert script("kill.sh", env).stdout.startswith("MyData Proxy is not running")
+    time.sleep(0.2)
+    assert other.poll() is None
