@@ -27,6 +27,7 @@ from mydataproxy.http import headers as rules
 from mydataproxy.http.framing import RequestHead
 from mydataproxy.http.target import Destination, Refusal, Target
 from mydataproxy.ops.logs import AccessLog
+from mydataproxy.ops.metrics import METRICS, requestMode
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.upstream.client import BodyFraming, UpstreamError, UpstreamExchange, UpstreamPool
 
@@ -45,6 +46,7 @@ def displayURI(uri: bytes) -> str:
 class Listener(Protocol):
     """What a request needs of its listener's shared state."""
 
+    section: str
     settings: Settings
     limits: LimitSettings
     pipeline: RequestPipeline
@@ -385,7 +387,8 @@ class ProxiedRequest:
         self.channel.requestDone(self)
 
     def recordAccess(self) -> None:
-        """Write this request's access line."""
+        """Write this request's access line and count it in the metrics."""
+        seconds = time.monotonic() - self.started
         self.proxy.accessLog.record(
             client=self.channel.clientEndpoint(),
             method=self.head.method.decode("ascii", "replace"),
@@ -393,9 +396,14 @@ class ProxiedRequest:
             status=self.status,
             bytesIn=self.bytesIn,
             bytesOut=self.bytesOut,
-            seconds=time.monotonic() - self.started,
+            seconds=seconds,
             upstream=self.upstreamAddress,
             certificate=self.channel.clientCertificate(),
+        )
+        head = self.head
+        METRICS.requestFinished(
+            requestMode(self.proxy.section, head.method, head.target), head.method, self.status, seconds,
+            self.bytesIn, self.bytesOut,
         )
 
     def clientLost(self) -> None:

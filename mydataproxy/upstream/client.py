@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 from collections import deque
-from typing import NamedTuple, Protocol as TypingProtocol
+from typing import Callable, NamedTuple, Protocol as TypingProtocol
 
 import txaio
 from OpenSSL import SSL
@@ -146,6 +147,57 @@ class ResponseReceiver(TypingProtocol):
         L{RawSink} the receiver sets with L{UpstreamConnection.relayTo}
         before it returns.
         """
+
+
+class UpstreamObserver(TypingProtocol):
+    """
+    What an L{UpstreamPool} reports as it works (the metrics,
+    L{mydataproxy.ops.metrics.UpstreamMetrics}); C{label} is what
+    L{destinationLabel} said of the connection's destination.
+    """
+
+    def destinationLabel(self, destination: Destination) -> str:
+        """The bounded name C{destination} is reported under."""
+
+    def connected(self, label: str, seconds: float) -> None:
+        """A TCP connection took C{seconds} to open."""
+
+    def handshaken(self, label: str, seconds: float) -> None:
+        """A TLS handshake took C{seconds}."""
+
+    def firstByte(self, label: str, seconds: float) -> None:
+        """The first response byte came C{seconds} after the request head was written."""
+
+    def tlsFailed(self, label: str, what: str) -> None:
+        """A TLS handshake failed, as C{what} (L{describeHandshakeFailure}) says."""
+
+    def dnsFailed(self, timedOut: bool) -> None:
+        """A name did not resolve (in time, if C{timedOut})."""
+
+
+class _Unobserved:
+    """The observer of a pool nobody watches (L{UNOBSERVED})."""
+
+    def destinationLabel(self, destination: Destination) -> str:
+        return ""
+
+    def connected(self, label: str, seconds: float) -> None:
+        pass
+
+    def handshaken(self, label: str, seconds: float) -> None:
+        pass
+
+    def firstByte(self, label: str, seconds: float) -> None:
+        pass
+
+    def tlsFailed(self, label: str, what: str) -> None:
+        pass
+
+    def dnsFailed(self, timedOut: bool) -> None:
+        pass
+
+
+UNOBSERVED: UpstreamObserver = _Unobserved()
 
 
 class RawSink(TypingProtocol):
@@ -311,11 +363,25 @@ class UpstreamConnection(Protocol):
     it is all body), and only an unfinished head or chunk line is kept
     between reads, bounded by L{MAX_RESPONSE_HEAD} and L{MAX_CHUNK_LINE}; the
     search for its end resumes where the last one stopped.
+
+    @param observer: Told how long connecting, the TLS handshake and each
+        first response byte took (by C{now}), and of a failed handshake.
     """
 
-    def __init__(self, destination: Destination, pool: "UpstreamPool") -> None:
+    def __init__(
+        self,
+        destination: Destination,
+        pool: "UpstreamPool",
+        observer: UpstreamObserver = UNOBSERVED,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.destination = destination
         self.pool = pool
+        self.observer = observer
+        self.label = observer.destinationLabel(destination)
+        self._now = now
+        # Made just before connecting: the connect time runs from here.
+        self._openedAt = self._connectedAt = self._sentAt = now()
         self.exchange: "UpstreamExchange | None" = None
         self.reused = False
         self.reusable = True
@@ -337,6 +403,8 @@ class UpstreamConnection(Protocol):
         self._sink: RawSink | None = None
 
     def connectionMade(self) -> None:
+        self._connectedAt = self._now()
+        self.observer.connected(self.label, self._connectedAt - self._openedAt)
         address = self.transport.getPeer()
         self.peer = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
         if ITCPTransport.providedBy(self.transport):
@@ -346,6 +414,7 @@ class UpstreamConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         """TLS is up: apply our own checks before any request byte is sent."""
+        self.observer.handshaken(self.label, self._now() - self._connectedAt)
         problem = self.pool.originTLS.checkPeer(self.destination.host, self.transport.getHandle())
         if problem is not None:
             self.transport.failVerification(Failure(TLSCheckFailed(problem)))
@@ -360,6 +429,7 @@ class UpstreamConnection(Protocol):
         self._receivedAny = False
         self._interim = 0
         self._statusChecked = False
+        self._sentAt = self._now()
         self.transport.write(head)
 
     def relayTo(self, sink: RawSink) -> None:
@@ -390,7 +460,9 @@ class UpstreamConnection(Protocol):
             # whose request was cut short); it can't be trusted.
             self._poison()
             return
-        self._receivedAny = True
+        if not self._receivedAny:
+            self._receivedAny = True
+            self.observer.firstByte(self.label, self._now() - self._sentAt)
         exchange.activity()
         state = self._state
         # Fast paths: the common large-body cases, delivered without copying.
@@ -681,6 +753,7 @@ class UpstreamConnection(Protocol):
             return UpstreamError(502, f"response from {where} truncated ({how})")
         if reason.check(SSL.Error, TLSCheckFailed):
             what = describeHandshakeFailure(self.transport, reason)
+            self.observer.tlsFailed(self.label, what)
             return UpstreamError(502, f"TLS with {where} failed: {what}")
         if self._receivedAny:
             return UpstreamError(502, f"connection to {where} lost mid-response")
@@ -1134,13 +1207,19 @@ class UpstreamPool:
     (FIFO per destination) up to C{pool_wait_timeout}, then fails with 503.
     Cancelling the Deferred L{acquire} returned takes the waiter out at once;
     a connection being opened for a cancelled request goes to the pool.
+
+    @param observer: Told of connect, TLS handshake and first-byte times and
+        of TLS and DNS failures (default: nobody).
     """
 
-    def __init__(self, reactor, settings: UpstreamSettings, originTLS: OriginTLS) -> None:
+    def __init__(
+        self, reactor, settings: UpstreamSettings, originTLS: OriginTLS, observer: UpstreamObserver = UNOBSERVED
+    ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.settings = settings
         self.originTLS = originTLS
+        self.observer = observer
         self._idle: dict[Destination, list[UpstreamConnection]] = {}
         self._open: dict[Destination, int] = {}
         self._total = 0
@@ -1154,6 +1233,11 @@ class UpstreamPool:
     def openConnections(self) -> int:
         """Connections open or being opened."""
         return self._total
+
+    @property
+    def idleConnections(self) -> int:
+        """Connections open and waiting in the pool for a request."""
+        return sum(map(len, self._idle.values()))
 
     @property
     def queued(self) -> int:
@@ -1267,7 +1351,7 @@ class UpstreamPool:
             list(destination.addresses),
             destination.port,
             self.settings.connect_timeout if connectTimeout is None else connectTimeout,
-            UpstreamConnection(destination, self),
+            UpstreamConnection(destination, self, self.observer, self.clock.seconds),
             tls,
         )
 
@@ -1290,14 +1374,17 @@ class UpstreamPool:
     ) -> UpstreamError:
         """
         Turn a connect failure into what the client should be told; a
-        timeout names C{setting}, the connect timeout that applied.
+        timeout names C{setting}, the connect timeout that applied.  A name
+        that did not resolve is reported to the L{observer}.
         """
         where = f"{destination.host}:{destination.port}"
         if failure.check(UpstreamError):
             return failure.value
         if failure.check(ResolutionTimeout):
+            self.observer.dnsFailed(True)
             return UpstreamError(504, f"resolving {destination.host} timed out (resolver.timeout)")
         if failure.check(error.DNSLookupError):
+            self.observer.dnsFailed(False)
             return UpstreamError(502, f"cannot resolve host {destination.host}")
         if failure.check(error.ConnectionRefusedError):
             return UpstreamError(502, f"connection refused by {where}")

@@ -1,0 +1,422 @@
+"""
+The daemon's Prometheus metrics (C{prometheus_client}), defined once in
+L{ProxyMetrics} on a registry of its own; L{METRICS} is the process's.
+
+Every label set is bounded, never raw client input: the mode (C{absolute},
+C{header}, C{connect}, C{reverse}), the method class (C{safe}, C{unsafe},
+C{connect}), the status (the codes in L{_EXACT_STATUSES}, else their class,
+C{1xx} .. C{5xx}; C{none} when no answer was written), the destination (the
+reverse route, TLS profile or egress rule a destination belongs to, else
+C{other}: L{DestinationLabels}), the rule of a refusal (at most
+L{MAX_REFUSAL_RULES} distinct, then C{other}), the check a TLS handshake
+failed (L{tlsCheck}).
+
+The hot path is cheap: the children a finished request touches are bound
+once per (mode, method class, status) and kept in a dict, so counting one
+request is a dict lookup and four increments.  Values that already live
+elsewhere (open connections, tunnels, pool connections, queue depths, lines
+a log dropped, certificate expiry) are read when scraped, from what the
+daemon registered with the C{watch*} methods; scrapes run on the reactor
+thread (L{mydataproxy.ops.admin}), so reading the reactor's state is safe.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Iterable, Iterator, Protocol, Sized
+
+import twisted
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+
+from mydataproxy.config import Settings
+from mydataproxy.http.hosts import hostMatches
+from mydataproxy.http.target import Destination
+
+# Codes shown exactly (the proxy's own answers and the common ones); the
+# rest are counted by class.
+_EXACT_STATUSES = frozenset(
+    {101, 200, 201, 204, 206, 301, 302, 304, 307, 308, 400, 401, 403, 404, 405, 407, 408, 413, 414, 429, 431,
+     500, 502, 503, 504}
+)
+_STATUS_LABELS = tuple(
+    "none" if code < 100 else str(code) if code in _EXACT_STATUSES else f"{code // 100}xx" for code in range(600)
+)
+_METHOD_CLASSES = {b"GET": "safe", b"HEAD": "safe", b"OPTIONS": "safe", b"TRACE": "safe", b"CONNECT": "connect"}
+
+MAX_REFUSAL_RULES = 200
+
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# What describeHandshakeFailure and OriginTLS.checkPeer say, to the check's name.
+_TLS_CHECKS = (
+    ("untrusted issuer", "untrusted"),
+    ("hostname mismatch", "hostname"),
+    ("certificate pin mismatch", "pin"),
+    ("subject serialnumber", "serial_number"),
+    ("certificate expired", "expired"),
+    ("certificate not yet valid", "not_yet_valid"),
+    ("tls version not accepted", "version"),
+    ("the origin refused the handshake", "refused"),
+    ("no certificate presented", "no_certificate"),
+    ("certificate could not be checked", "unreadable_certificate"),
+    ("certificate verification failed", "verification"),
+)
+
+
+def requestMode(section: str, method: bytes, target: bytes) -> str:
+    """
+    The mode label of a request to the listener of config section
+    C{section}, from its method and raw request target (as
+    L{mydataproxy.http.target.parseTarget} tells the forms apart).
+    """
+    if section == "reverse":
+        return "reverse"
+    if method == b"CONNECT":
+        return "connect"
+    return "header" if target[:1] == b"/" else "absolute"
+
+
+def tlsCheck(what: str) -> str:
+    """The name of the check a failed origin handshake failed, from how it was described."""
+    text = what.lower()
+    for words, check in _TLS_CHECKS:
+        if text.startswith(words):
+            return check
+    return "other"
+
+
+def buildVersion() -> str:
+    """This package's version, from its installed metadata."""
+    try:
+        return version("mydataproxy")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _OpenCount(Protocol):
+    open: int
+
+
+class WatchedListener(Protocol):
+    """What the metrics read of a listener (L{mydataproxy.server.channel.ProxyListener})."""
+
+    connections: _OpenCount
+    tunnels: Sized
+
+
+class WatchedPool(Protocol):
+    """What the metrics read of the upstream pool (L{mydataproxy.upstream.client.UpstreamPool})."""
+
+    openConnections: int
+    idleConnections: int
+    queued: int
+    rejected: int
+
+
+class WatchedLog(Protocol):
+    """What the metrics read of a log (L{mydataproxy.ops.logs.AccessLog}, L{mydataproxy.ops.logs.LogWriter})."""
+
+    dropped: int
+    lost: int
+
+
+class ProxyMetrics:
+    """
+    The proxy's metrics, on C{registry} (a new one if not given): build one
+    per test, L{METRICS} for the daemon.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        self._now = now
+        self.requests = Counter(
+            "mydataproxy_requests", "Requests answered, by mode, method class and status",
+            ["mode", "method", "status"], registry=registry,
+        )
+        self.requestSeconds = Histogram(
+            "mydataproxy_request_duration_seconds", "Time from a request's head to its access line, by mode",
+            ["mode"], buckets=_REQUEST_BUCKETS, registry=registry,
+        )
+        self.receivedBytes = Counter(
+            "mydataproxy_client_received_bytes", "Body bytes received from clients, by mode", ["mode"], registry=registry
+        )
+        self.sentBytes = Counter(
+            "mydataproxy_client_sent_bytes", "Body bytes sent to clients, by mode", ["mode"], registry=registry
+        )
+        self.connectSeconds = Histogram(
+            "mydataproxy_upstream_connect_seconds", "Time to open a TCP connection to an origin, by destination",
+            ["destination"], buckets=_UPSTREAM_BUCKETS, registry=registry,
+        )
+        self.handshakeSeconds = Histogram(
+            "mydataproxy_upstream_tls_handshake_seconds", "Time of the TLS handshake with an origin, by destination",
+            ["destination"], buckets=_UPSTREAM_BUCKETS, registry=registry,
+        )
+        self.firstByteSeconds = Histogram(
+            "mydataproxy_upstream_first_byte_seconds",
+            "Time from a request head written to an origin to the first byte of its response, by destination",
+            ["destination"], buckets=_UPSTREAM_BUCKETS, registry=registry,
+        )
+        self.tlsFailures = Counter(
+            "mydataproxy_upstream_tls_failures", "Failed TLS handshakes with origins, by destination and check",
+            ["destination", "check"], registry=registry,
+        )
+        self.dnsFailures = Counter(
+            "mydataproxy_dns_failures", "Names that did not resolve (not_found) or not in time (timeout)",
+            ["kind"], registry=registry,
+        )
+        self.refusals = Counter(
+            "mydataproxy_refusals", "Requests and connections the proxy refused, by the rule that decided",
+            ["rule"], registry=registry,
+        )
+        self.queueWaitSeconds = Histogram(
+            "mydataproxy_queue_wait_seconds", "Time spent waiting for a turn, by queue", ["queue"],
+            buckets=_QUEUE_BUCKETS, registry=registry,
+        )
+        Info("mydataproxy_build", "The running version", registry=registry).info(
+            {"version": buildVersion(), "python": platform.python_version(), "twisted": twisted.__version__}
+        )
+        ProcessCollector(registry=registry)
+        self._requestChildren: dict[tuple[str, str, int], tuple] = {}
+        self._queueChildren: dict[str, object] = {}
+        self._refusalChildren: dict[str, object] = {}
+        self._listeners: dict[str, WatchedListener] = {}
+        self._pool: WatchedPool | None = None
+        self._queues: dict[str, Callable[[], int]] = {}
+        self._logs: dict[str, WatchedLog] = {}
+        self._certificates: dict[str, dict[str, float]] = {}
+        registry.register(_Watched(self))
+
+    # Counted as it happens
+
+    def requestFinished(
+        self, mode: str, method: bytes, status: int, seconds: float, bytesIn: int, bytesOut: int
+    ) -> None:
+        """
+        Count a request whose access line is written.
+
+        @param mode: From L{requestMode}.
+        @param status: The status answered, 0 if none.
+        """
+        methodClass = _METHOD_CLASSES.get(method, "unsafe")
+        key = (mode, methodClass, status)
+        children = self._requestChildren.get(key)
+        if children is None:
+            children = self._bindRequest(key)
+        count, duration, received, sent = children
+        count.inc()
+        duration.observe(seconds)
+        if bytesIn:
+            received.inc(bytesIn)
+        if bytesOut:
+            sent.inc(bytesOut)
+
+    def _bindRequest(self, key: tuple[str, str, int]) -> tuple:
+        mode, methodClass, status = key
+        label = _STATUS_LABELS[status] if 0 <= status < 600 else "none"
+        children = (
+            self.requests.labels(mode, methodClass, label),
+            self.requestSeconds.labels(mode),
+            self.receivedBytes.labels(mode),
+            self.sentBytes.labels(mode),
+        )
+        self._requestChildren[key] = children
+        return children
+
+    def refused(self, rule: str) -> None:
+        """Count a refusal by C{rule} (the setting named by a L{mydataproxy.http.target.Refusal})."""
+        child = self._refusalChildren.get(rule)
+        if child is None:
+            if len(self._refusalChildren) >= MAX_REFUSAL_RULES:
+                child = self.refusals.labels("other")
+            else:
+                child = self._refusalChildren[rule] = self.refusals.labels(rule or "none")
+        child.inc()
+
+    def observeQueueWait(self, queue: str, seconds: float) -> None:
+        """A request waited C{seconds} in C{queue} (a configured name, e.g. a route's) for its turn."""
+        child = self._queueChildren.get(queue)
+        if child is None:
+            child = self._queueChildren[queue] = self.queueWaitSeconds.labels(queue)
+        child.observe(seconds)
+
+    def upstream(self, settings: Settings) -> UpstreamMetrics:
+        """The observer of an upstream pool for the destinations of C{settings}."""
+        return UpstreamMetrics(self, DestinationLabels(settings))
+
+    # Read when scraped
+
+    def watchListener(self, name: str, listener: WatchedListener) -> None:
+        """Report C{listener}'s open client connections and tunnels as listener C{name}."""
+        self._listeners[name] = listener
+
+    def watchPool(self, pool: WatchedPool) -> None:
+        """Report C{pool}'s connections in use and idle, its waiters and its refusals."""
+        self._pool = pool
+
+    def watchQueue(self, queue: str, depth: Callable[[], int]) -> None:
+        """Report C{depth()}, the requests waiting in C{queue}."""
+        self._queues[queue] = depth
+
+    def watchLog(self, name: str, log: WatchedLog) -> None:
+        """Report the lines C{log} dropped (queue full) and lost (write failed)."""
+        self._logs[name] = log
+
+    def setCertificates(self, store: str, certificates: Iterable[x509.Certificate]) -> None:
+        """
+        Report the seconds to expiry of C{certificates}, those of C{store}
+        (replacing what was reported for it); per subject, the one that
+        expires first.
+        """
+        expiries: dict[str, float] = {}
+        for certificate in certificates:
+            subject = certificate.subject.rfc4514_string()
+            notAfter = certificate.not_valid_after_utc.timestamp()
+            expiries[subject] = min(notAfter, expiries.get(subject, notAfter))
+        self._certificates[store] = expiries
+
+    def _collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "mydataproxy_client_connections", "Client connections open, by listener", labels=["listener"]
+        )
+        tunnels = GaugeMetricFamily(
+            "mydataproxy_tunnels", "Tunnels open (CONNECT, websocket), by listener", labels=["listener"]
+        )
+        for name, listener in self._listeners.items():
+            connections.add_metric([name], listener.connections.open)
+            tunnels.add_metric([name], len(listener.tunnels))
+        yield connections
+        yield tunnels
+        queues = GaugeMetricFamily("mydataproxy_queue_depth", "Requests waiting for a turn, by queue", labels=["queue"])
+        pool = self._pool
+        if pool is not None:
+            idle = pool.idleConnections
+            family = GaugeMetricFamily(
+                "mydataproxy_upstream_pool_connections", "Upstream connections, in use (or opening) and idle",
+                labels=["state"],
+            )
+            family.add_metric(["in_use"], pool.openConnections - idle)
+            family.add_metric(["idle"], idle)
+            yield family
+            yield CounterMetricFamily(
+                "mydataproxy_upstream_pool_rejected", "Requests refused a connection (503): too many waiting, or none free in time",
+                value=pool.rejected,
+            )
+            queues.add_metric(["upstream pool"], pool.queued)
+        for name, depth in self._queues.items():
+            queues.add_metric([name], depth())
+        yield queues
+        dropped = CounterMetricFamily(
+            "mydataproxy_log_lines_dropped",
+            "Log lines not written: the queue was full (dropped) or the write failed (lost)",
+            labels=["log", "why"],
+        )
+        for name, watched in self._logs.items():
+            dropped.add_metric([name, "dropped"], watched.dropped)
+            dropped.add_metric([name, "lost"], watched.lost)
+        yield dropped
+        expiry = GaugeMetricFamily(
+            "mydataproxy_certificate_expiry_seconds",
+            "Seconds until a certificate expires (negative: expired), by store and subject",
+            labels=["store", "subject"],
+        )
+        now = self._now()
+        for store, expiries in self._certificates.items():
+            for subject, notAfter in expiries.items():
+                expiry.add_metric([store, subject], notAfter - now)
+        yield expiry
+
+
+class _Watched:
+    """The collector of what L{ProxyMetrics} reads when scraped."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics._collect()
+
+
+class DestinationLabels:
+    """
+    The destination label of an origin: the reverse route whose backend it
+    is, else (https) the TLS profile whose C{hosts} match it, else the
+    egress rule whose C{hosts} match it, else C{other}.  Only configured
+    names come out.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._backends: dict[tuple[str, str, int], str] = {}
+        for route in settings.reverse.routes if settings.reverse is not None else ():
+            for backend in route.backends:
+                self._backends.setdefault((backend.scheme, backend.host, backend.port), route.name)
+        self._profiles = tuple((p.hosts, p.name) for p in settings.upstream.tls_profiles if p.hosts)
+        self._rules = tuple((r.hosts, r.name) for r in settings.egress.rules if r.hosts)
+
+    def __call__(self, destination: Destination) -> str:
+        host = destination.host
+        route = self._backends.get((destination.scheme, host, destination.port))
+        if route is not None:
+            return route
+        if destination.scheme == "https":
+            for hosts, name in self._profiles:
+                if hostMatches(hosts, host):
+                    return name
+        for hosts, name in self._rules:
+            if hostMatches(hosts, host):
+                return name
+        return "other"
+
+
+class UpstreamMetrics:
+    """
+    What an upstream pool reports (L{mydataproxy.upstream.client.UpstreamObserver}),
+    counted on L{ProxyMetrics}.
+    """
+
+    def __init__(self, metrics: ProxyMetrics, labels: DestinationLabels) -> None:
+        self._metrics = metrics
+        self.destinationLabel = labels
+        self._timings: dict[str, tuple] = {}
+        self._dns = {kind: metrics.dnsFailures.labels(kind) for kind in ("not_found", "timeout")}
+
+    def _children(self, label: str) -> tuple:
+        children = self._timings.get(label)
+        if children is None:
+            metrics = self._metrics
+            children = self._timings[label] = (
+                metrics.connectSeconds.labels(label),
+                metrics.handshakeSeconds.labels(label),
+                metrics.firstByteSeconds.labels(label),
+            )
+        return children
+
+    def connected(self, label: str, seconds: float) -> None:
+        """A TCP connection to an origin of C{label} took C{seconds}."""
+        self._children(label)[0].observe(seconds)
+
+    def handshaken(self, label: str, seconds: float) -> None:
+        """A TLS handshake with an origin of C{label} took C{seconds}."""
+        self._children(label)[1].observe(seconds)
+
+    def firstByte(self, label: str, seconds: float) -> None:
+        """The first response byte from an origin of C{label} came C{seconds} after the request head."""
+        self._children(label)[2].observe(seconds)
+
+    def tlsFailed(self, label: str, what: str) -> None:
+        """A TLS handshake with an origin of C{label} failed, as C{what} says."""
+        self._metrics.tlsFailures.labels(label, tlsCheck(what)).inc()
+
+    def dnsFailed(self, timedOut: bool) -> None:
+        """A name did not resolve (in time, if C{timedOut})."""
+        self._dns["timeout" if timedOut else "not_found"].inc()
+
+
+#: The daemon's metrics.
+METRICS = ProxyMetrics()
