@@ -593,6 +593,43 @@ def explain(arguments: argparse.Namespace) -> int:
     task.react(_explainForward, (settings, loaded, arguments))
 
 
+def _oldestFirst(paths: list[Path]) -> list[Path]:
+    """
+    Log files in the order they were written: each log's rotated files by
+    name (their time stamps), then its current file, which a shell glob
+    (C{access.h.log*}) puts first.
+    """
+
+    def current(path: Path) -> str:
+        owners = [o.name for o in paths if o.parent == path.parent and path.name.startswith(o.name + ".")]
+        return max(owners, key=len, default=path.name)
+
+    return sorted(paths, key=lambda p: (str(p.parent), current(p), current(p) == p.name, p.name))
+
+
+def verifyLog(files: list[str]) -> int:
+    """
+    C{mydataproxy verify-log}: check the hash chain of a tamper-evident
+    access log (C{logging.tamper_evident}) through its files, rotated and
+    gzipped ones included.
+
+    @return: 0 when the chain is intact, 1 when a line was removed,
+        altered or reordered, or a file cannot be read.
+    """
+    from mydataproxy.ops import audit
+
+    paths = _oldestFirst([Path(name) for name in files])
+    checked, problems = audit.verify(paths)
+    for problem in problems:
+        print(problem)
+    summary = f"{checked} lines in {len(paths)} file{'s' if len(paths) != 1 else ''}"
+    if problems:
+        print(f"verify-log: {summary}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+        return 1
+    print(f"verify-log: {summary}: the chain is intact")
+    return 0
+
+
 #: Where C{keystore} commands find the store password when no C{--password}
 #: is given (the variable's value is the password itself).
 PASSWORD_VARIABLE = "MYDATAPROXY_KEYSTORE_PASSWORD"
@@ -813,6 +850,15 @@ def _run(argv: list[str] | None) -> int:
     )
     explainParser.add_argument("--reverse", action="store_true", help="a path on the reverse listener")
     explainParser.add_argument("--host", help="the Host field (--reverse)")
+    verifyParser = commands.add_parser(
+        "verify-log",
+        help="check the hash chain of a tamper-evident access log",
+        description="Check the chain of a tamper-evident access log (logging.tamper_evident) through its "
+        "files, e.g. /mnt/proxy/log/access.$(hostname).log*: rotated files (gzipped or not) are taken "
+        "oldest first, then the current one. Exit status: 0 intact, 1 a line removed, altered or "
+        "reordered, or a file missing or unreadable.",
+    )
+    verifyParser.add_argument("files", nargs="+", metavar="FILE", help="the log's files")
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
@@ -822,6 +868,8 @@ def _run(argv: list[str] | None) -> int:
         return reload(arguments.pidfile)
     if arguments.command == "explain":
         return explain(arguments)
+    if arguments.command == "verify-log":
+        return verifyLog(arguments.files)
     if arguments.command == "status":
         base = arguments.admin
         if base is None:

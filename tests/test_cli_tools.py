@@ -1,11 +1,13 @@
 """
 The operator's tools of the C{mydataproxy} command: C{migrate}, C{reload},
-C{status}, C{explain}; and the systemd unit and C{etc/bin} wrappers.
+C{status}, C{explain}, C{verify-log}; and the systemd unit and C{etc/bin}
+wrappers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import http.server
 import os
 import shutil
@@ -28,6 +30,7 @@ from conftest import (
 )
 from mydataproxy import cli, config, material
 from mydataproxy.config.dump import settingsToToml
+from mydataproxy.ops import audit
 
 ROOT = Path(__file__).resolve().parents[1]
 ETC = ROOT / "etc"
@@ -955,3 +958,59 @@ def test_wrappersLeaveOtherProgramsAlone(wrapper_env) -> None:
     assert script("kill.sh", env).stdout.startswith("MyData Proxy is not running")
     time.sleep(0.2)
     assert other.poll() is None
+
+
+# --- verify-log ------------------------------------------------------------------
+
+
+def chainedLog(directory: Path, lines: int, files: int) -> list[Path]:
+    """
+    A tamper-evident log as the writer leaves it: C{files - 1} rotated files
+    (gzipped but the newest, named by time stamp) and the current one, one
+    chain through all; oldest first.
+    """
+    chain = audit.HashChain()
+    current = directory / "access.host.log"
+    paths = [directory / f"access.host.log.20261201-00000{i}.000000{'.gz' if i < files - 2 else ''}"
+             for i in range(files - 1)] + [current]
+    for index, path in enumerate(paths):
+        text = "".join(chain.apply(f"2026-12-01T00:00:0{index}Z client=127.0.0.1 n={index}.{n}\n")
+                       for n in range(lines))
+        path.write_bytes(gzip.compress(text.encode()) if path.suffix == ".gz" else text.encode())
+    return paths
+
+
+def test_verifyLogIntact(tmp_path: Path, capsys) -> None:
+    paths = chainedLog(tmp_path, 5, 4)
+    # The order a shell glob gives (the current file first) is put right.
+    glob = sorted(str(p) for p in paths)
+    assert glob[0] == str(paths[-1])
+    assert cli.main(["verify-log", *glob]) == 0
+    assert capsys.readouterr().out == "verify-log: 20 lines in 4 files: the chain is intact\n"
+
+
+def test_verifyLogTampered(tmp_path: Path, capsys) -> None:
+    paths = chainedLog(tmp_path, 5, 4)
+    current = paths[-1]
+    lines = current.read_text().splitlines(keepends=True)
+    # One line removed, one edited.
+    current.write_text(lines[0] + lines[2] + lines[3].replace("client=127.0.0.1", "client=10.0.0.1") + lines[4])
+    assert cli.main(["verify-log", *map(str, paths)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [
+        f"{current}:2: chain broken: a line before it was removed or reordered, or this one altered",
+        f"{current}:3: chain broken: a line before it was removed or reordered, or this one altered",
+        "verify-log: 19 lines in 4 files: 2 problems",
+    ]
+
+
+def test_verifyLogMissingFile(tmp_path: Path, capsys) -> None:
+    paths = chainedLog(tmp_path, 3, 4)
+    paths[1].unlink()
+    # Given by a glob, the file is simply not there: the gap shows where the next one starts.
+    assert cli.main(["verify-log", *map(str, [p for p in paths if p.exists()])]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{paths[2]}:1: chain broken: a line before it was removed or reordered, or this one altered"
+    # Named on the command line, it cannot be read.
+    assert cli.main(["verify-log", *map(str, paths)]) == 1
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"{paths[1]}: cannot be read")
