@@ -12,10 +12,17 @@ import sys
 import tomllib
 from pathlib import Path
 
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mydataproxy import config, material
 from mydataproxy.config.dump import settingsToToml
+from mydataproxy.tls.contexts import OriginTLS, TLSCheckFailed, describeHandshakeFailure
 
 
 def checkConfig(path: str) -> int:
@@ -593,6 +600,135 @@ def explain(arguments: argparse.Namespace) -> int:
     task.react(_explainForward, (settings, loaded, arguments))
 
 
+@implementer(IHandshakeListener)
+class _Handshake(Protocol):
+    """
+    C{tls-probe}'s connection: one handshake, then the proxy's checks of
+    the origin (unless C{checkHost} is L{None}), then close.
+
+    @ivar seen: The version, cipher and certificate chain the origin
+        presented, once the handshake is done.
+    @ivar done: Fires when the connection is over, with the problem found
+        in the words of the proxy's 502, or L{None}.
+    """
+
+    def __init__(self, originTLS: OriginTLS, checkHost: str | None) -> None:
+        self.originTLS = originTLS
+        self.checkHost = checkHost
+        self.ready: Deferred = Deferred()
+        self.done: Deferred = Deferred()
+        self.seen: tuple[str, str, list[x509.Certificate]] | None = None
+
+    def connectionMade(self) -> None:
+        self.ready.callback(self)
+
+    def handshakeCompleted(self) -> None:
+        handle = self.transport.getHandle()
+        chain = handle.get_peer_cert_chain(as_cryptography=True) or []
+        self.seen = (handle.get_protocol_version_name(), handle.get_cipher_name(), chain)
+        problem = self.originTLS.checkPeer(self.checkHost, handle) if self.checkHost is not None else None
+        if problem is not None:
+            self.transport.failVerification(Failure(TLSCheckFailed(problem)))
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        problem = None
+        if self.seen is None or reason.check(SSL.Error, TLSCheckFailed):
+            problem = describeHandshakeFailure(self.transport, reason)
+        self.done.callback(problem)
+
+
+async def _tlsProbe(reactor, settings: config.Settings, loaded: material.Material, url: str) -> None:
+    """
+    C{tls-probe}: the TLS handshake the proxy would make with the origin at
+    C{url}, with the profile that applies, then the proxy's own checks
+    (host name, pins, serialNumber); no request is sent.  Ends with
+    C{SystemExit} (L{task.react}'s way to an exit status).
+    """
+    from dataclasses import replace
+
+    from twisted.internet import error
+
+    from mydataproxy.egress.connect import connect
+    from mydataproxy.egress.resolver import Resolver
+    from mydataproxy.http.target import Refusal, parseURL
+    from mydataproxy.tls.keystore import fingerprint
+    from mydataproxy.upstream.client import UpstreamPool
+
+    async def handshake(originTLS: OriginTLS, checks: bool) -> tuple[tuple[str, str, list] | None, str | None]:
+        """What the origin presented (if the handshake got that far), and the problem found (or L{None})."""
+        probe = _Handshake(originTLS, host if checks else None)
+        await connect(reactor, addresses, port, settings.upstream.connect_timeout, probe, originTLS.creatorFor(host))
+        problem = await probe.done
+        return probe.seen, problem
+
+    try:
+        destination, _ = parseURL((url if "://" in url else "https://" + url).encode("utf-8"))
+    except (Refusal, UnicodeEncodeError) as e:
+        raise SystemExit(_failed(2, f"{url}: {e}")) from None
+    if destination.scheme != "https":
+        raise SystemExit(_failed(2, f"{url}: tls-probe speaks to https:// origins"))
+    host, port = destination.host, destination.port
+    where = f"{host}:{port}"
+    originTLS = loaded.originTLS
+    profile = originTLS.profileFor(host)
+    print(f"tls-probe {where} ({settings.source})")
+    _step("profile", f"{profile.name}: {_describeProfile(profile)}")
+    unreachable = (error.DNSLookupError, error.ConnectError, error.TimeoutError)
+    try:
+        addresses = await Resolver(reactor, settings.resolver).resolve(host)
+        _step("address", ", ".join(addresses))
+        seen, problem = await handshake(originTLS, True)
+    except unreachable as e:
+        # What the proxy answers when it cannot reach the origin, in its words.
+        failure = UpstreamPool(reactor, settings.upstream, originTLS).describeConnectFailure(destination, Failure(e))
+        raise SystemExit(_refused(failure.status, failure.reason)) from None
+    unverified = seen is None
+    if unverified:
+        # Refused during the handshake: look again without verifying, to show what the origin presents.
+        try:
+            seen, _ = await handshake(OriginTLS(replace(profile, verify=False, pins=(), serial_number=""), ()), False)
+        except unreachable:
+            seen = None
+    if seen is not None:
+        version, cipher, chain = seen
+        _step("version", f"{version}, {cipher}" + (" (seen without verifying)" if unverified else ""))
+        for index, certificate in enumerate(chain):
+            _printCertificate(f"[{index}] ", certificate, "  ")
+        if profile.pins and chain:
+            _step("pins", f"{'matched' if fingerprint(chain[0]) in profile.pins else 'NOT matched'}"
+                          f" ({len(profile.pins)} configured)")
+    if problem is not None:
+        raise SystemExit(_refused(502, f"TLS with {where} failed: {problem}"))
+    print(f"verdict: OK, the handshake and every check of {profile.name} passed")
+    raise SystemExit(0)
+
+
+def _failed(status: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def tlsProbe(configPath: str | None, url: str) -> int:
+    """
+    C{mydataproxy tls-probe}: the handshake the proxy would make with the
+    origin at C{url}, its checks, and what the origin presented.
+
+    @return: 0 when every check passed, 1 when one failed (or the origin
+        could not be reached), 2 for a bad config or URL.
+    """
+    try:
+        settings = config.load(configPath) if configPath else config.Settings()
+        loaded = material.loadMaterial(settings)
+    except config.ConfigError as e:
+        return _failed(2, str(e))
+    from twisted.internet import task
+
+    # Runs the reactor, then exits with the status _tlsProbe raises.
+    task.react(_tlsProbe, (settings, loaded, url))
+
+
 def _oldestFirst(paths: list[Path]) -> list[Path]:
     """
     Log files in the order they were written: each log's rotated files by
@@ -859,6 +995,17 @@ def _run(argv: list[str] | None) -> int:
         "reordered, or a file missing or unreadable.",
     )
     verifyParser.add_argument("files", nargs="+", metavar="FILE", help="the log's files")
+    probeParser = commands.add_parser(
+        "tls-probe",
+        help="make the TLS handshake the proxy would make with an origin, and say what it found",
+        description="Connect to an https origin with the TLS profile that applies to it (trust store, client "
+        "certificate, versions), run the proxy's checks (host name, pins, serialNumber) and print the chain, "
+        "version and cipher, and the verdict in the words of the 502 the proxy would answer. No request is "
+        "sent, and the egress policy is not asked (explain gives its verdict). Exit status: 0 passed, "
+        "1 a check failed or the origin cannot be reached.",
+    )
+    probeParser.add_argument("url", help="https://host[:port] or host:port")
+    probeParser.add_argument("--config", metavar="FILE", help="the proxy's config (default: the embedded defaults)")
     arguments = parser.parse_args(argv)
     if arguments.command == "check-config":
         return checkConfig(arguments.file)
@@ -868,6 +1015,8 @@ def _run(argv: list[str] | None) -> int:
         return reload(arguments.pidfile)
     if arguments.command == "explain":
         return explain(arguments)
+    if arguments.command == "tls-probe":
+        return tlsProbe(arguments.config, arguments.url)
     if arguments.command == "verify-log":
         return verifyLog(arguments.files)
     if arguments.command == "status":

@@ -1,7 +1,7 @@
 """
 The operator's tools of the C{mydataproxy} command: C{migrate}, C{reload},
-C{status}, C{explain}, C{verify-log}; and the systemd unit and C{etc/bin}
-wrappers.
+C{status}, C{explain}, C{tls-probe}, C{verify-log}; and the systemd unit
+and C{etc/bin} wrappers.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from conftest import (
 from mydataproxy import cli, config, material
 from mydataproxy.config.dump import settingsToToml
 from mydataproxy.ops import audit
+from mydataproxy.tls.keystore import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 ETC = ROOT / "etc"
@@ -1014,3 +1015,114 @@ def test_verifyLogMissingFile(tmp_path: Path, capsys) -> None:
     # Named on the command line, it cannot be read.
     assert cli.main(["verify-log", *map(str, paths)]) == 1
     assert capsys.readouterr().out.splitlines()[0].startswith(f"{paths[1]}: cannot be read")
+
+
+# --- tls-probe -------------------------------------------------------------------
+
+
+class TLS12Origin:
+    """A loopback TLS server that speaks TLS 1.2 at most (Python's ssl), for version refusals."""
+
+    def __init__(self, tls_files) -> None:
+        import ssl
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.maximum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(tls_files.cert_pem, tls_files.key_pem)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(connection, server_side=True) as tls:
+                    tls.recv(1)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def tls12_origin(tls_files):
+    server = TLS12Origin(tls_files)
+    yield server
+    server.stop()
+
+
+def probe(config_: Path, url: str, ca_pem: Path) -> tuple[int, str, list[str]]:
+    """Run C{mydataproxy tls-probe}: (exit status, verdict, the other lines)."""
+    result = subprocess.run([str(BIN / "mydataproxy"), "tls-probe", "--config", str(config_), url],
+                            env=dict(os.environ, SSL_CERT_FILE=str(ca_pem)), capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert lines and lines[-1].startswith("verdict: "), result.stdout + result.stderr
+    return result.returncode, lines[-1].removeprefix("verdict: "), lines[1:-1]
+
+
+def test_tlsProbeAgreesWithTheProxy(proxy_factory, proxy, tls_origin, untrusted_tls_origin, wrong_name_tls_origin,
+                                    tls12_origin, tls_files, ca_pem) -> None:
+    """Each failure kind, in the words of the proxy's own 502 for the same origin."""
+    wrong = "AB:" * 31 + "AB"
+    checked = proxy_factory(upstream={"tls": {"profiles": [
+        {"name": "pinned", "hosts": ["localhost"], "pins": [wrong], "min_version": "TLSv1.3"},
+        {"name": "registered", "hosts": ["127.0.0.1"], "serial_number": "1234567890"},
+    ]}})
+    leaf = x509.load_pem_x509_certificate(tls_files.cert_pem.read_bytes())
+    cases = [
+        (proxy, f"https://127.0.0.1:{tls_origin.port}", None),
+        (checked, f"https://127.0.0.1:{untrusted_tls_origin.port}", "untrusted issuer"),
+        (checked, f"https://127.0.0.1:{wrong_name_tls_origin.port}", "hostname mismatch"),
+        (checked, f"https://localhost:{tls_origin.port}",
+         f"certificate pin mismatch ({fingerprint(leaf)} is not pinned)"),
+        (checked, f"https://127.0.0.1:{tls_origin.port}", "subject serialNumber is not 1234567890"),
+        (checked, f"https://localhost:{tls12_origin.port}", "TLS version not accepted"),
+    ]
+    for running, url, problem in cases:
+        status, verdict, lines = probe(running.config_path, url, ca_pem)
+        with RawConnection(running.port) as connection:
+            connection.send(f"GET {url}/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            response = connection.read_response()
+        if problem is None:
+            assert (status, response.status) == (0, 200), lines
+            assert verdict == "OK, the handshake and every check of upstream.tls passed"
+            continue
+        where = url.removeprefix("https://")
+        assert (status, verdict) == (1, f"502 TLS with {where} failed: {problem}"), lines
+        assert f"{response.status} {response.body.decode().strip()}" == verdict, url
+
+
+def test_tlsProbeShowsWhatTheOriginPresents(proxy_factory, untrusted_tls_origin, untrusted_tls_files, tls_origin,
+                                            tls_files, ca_pem) -> None:
+    leaf = x509.load_pem_x509_certificate(tls_files.cert_pem.read_bytes())
+    running = proxy_factory(upstream={"tls": {"profiles": [
+        {"name": "pinned", "hosts": ["127.0.0.1"], "pins": [fingerprint(leaf)], "min_version": "TLSv1.3"},
+    ]}})
+    status, verdict, lines = probe(running.config_path, f"127.0.0.1:{tls_origin.port}", ca_pem)
+    assert status == 0, lines
+    assert lines[0].startswith("  profile:      upstream.tls.profiles[0] pinned: hosts=127.0.0.1, TLSv1.3-TLSv1.3")
+    assert lines[1] == "  address:      127.0.0.1"
+    assert lines[2].startswith("  version:      TLSv1.3, TLS_")
+    assert "  [0] subject:      CN=localhost" in lines
+    assert f"      SHA-256:      {fingerprint(leaf)}" in lines
+    assert lines[-1] == "  pins:         matched (1 configured)"
+    # An untrusted origin: its chain is shown from a second look, without verifying.
+    status, verdict, lines = probe(running.config_path, f"https://127.0.0.1:{untrusted_tls_origin.port}", ca_pem)
+    assert (status, verdict) == (1, f"502 TLS with 127.0.0.1:{untrusted_tls_origin.port} failed: untrusted issuer")
+    assert any(line.endswith("(seen without verifying)") for line in lines), lines
+    assert "      issuer:       CN=Untrusted Test CA" in lines
+
+
+def test_tlsProbeUnreachable(tmp_path: Path, closed_port: int, ca_pem) -> None:
+    path = tmp_path / "mydataproxy.toml"
+    path.write_text("")
+    status, verdict, _ = probe(path, f"https://127.0.0.1:{closed_port}", ca_pem)
+    assert (status, verdict) == (1, f"502 connection refused by 127.0.0.1:{closed_port}")
+    result = mydataproxy("tls-probe", "http://127.0.0.1/")
+    assert result.returncode == 2 and "speaks to https://" in result.stderr
