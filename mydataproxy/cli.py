@@ -911,8 +911,10 @@ def main(argv: list[str] | None = None) -> int:
     The C{mydataproxy} command.  Output piped to a reader that stops early
     (C{| head -1}) ends the command quietly instead of with a traceback.
 
-    @return: The exit status: 0, or 2 on a bad file or store; 1 when the
-        reader left before the command had written everything it had to say.
+    @return: The exit status: 0 on success, 2 on a bad file, store or
+        argument, and what each command documents (1: refused, not ready,
+        not running...); 1 also when the reader left before the command had
+        written everything it had to say.
     """
     status = 1
     try:
