@@ -1126,3 +1126,19 @@ def test_tlsProbeUnreachable(tmp_path: Path, closed_port: int, ca_pem) -> None:
     assert (status, verdict) == (1, f"502 connection refused by 127.0.0.1:{closed_port}")
     result = mydataproxy("tls-probe", "http://127.0.0.1/")
     assert result.returncode == 2 and "speaks to https://" in result.stderr
+
+
+def test_statusOfARunningProxy(proxy_factory, origin) -> None:
+    """End to end: the daemon's own admin listener ([admin] wired in by the service)."""
+    port = get_free_port()
+    running = proxy_factory(admin={"listen": f"tcp:{port}:interface=127.0.0.1"})
+    assert wait_for_port(port, 10.0), running.output()[-2000:]
+    for _ in range(3):
+        with RawConnection(running.port) as connection:
+            connection.send(f"GET {origin.url}/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            assert connection.read_response().status == 200
+    result = mydataproxy("status", "--config", str(running.config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("MyData Proxy ") and lines[0].endswith(f"at http://127.0.0.1:{port}: up, ready")
+    assert any(line.startswith("  requests:       3 (2xx 3)") for line in lines), result.stdout
