@@ -10,6 +10,7 @@ after that, in the reactor's "after shutdown" phase.
 
 from __future__ import annotations
 
+import datetime
 import signal
 import socket
 
@@ -27,7 +28,9 @@ from mydataproxy.config import Settings
 from mydataproxy.forward.listener import ForwardProxy
 from mydataproxy.reverse.listener import ReverseProxy
 from mydataproxy.tls.listener import TLSListener
+from mydataproxy.ops.admin import adminSite
 from mydataproxy.ops.logs import AccessLog, ErrorLog
+from mydataproxy.ops.metrics import METRICS
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.upstream.client import UpstreamPool
@@ -100,7 +103,13 @@ class ProxyService(MultiService):
         self.accessLog = AccessLog(settings.logging.accessPath(host), reactor, settings.logging)
         errorPath = settings.logging.errorPath(host)
         self.errorLog = ErrorLog(errorPath, reactor, settings.logging) if errorPath else None
-        self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS)
+        self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS, METRICS.upstream(settings))
+        METRICS.watchPool(self.pool)
+        METRICS.watchLog("access", self.accessLog)
+        if self.errorLog is not None:
+            METRICS.watchLog("error", self.errorLog.writer)
+        self.listeners: list[ListenerService] = []
+        self.draining = False
         forwardSettings = settings.forward
         self.authenticator = (
             ProxyAuthenticator(material.htpasswd, forwardSettings.auth_realm, reactor)
@@ -112,16 +121,53 @@ class ProxyService(MultiService):
         self.tlsListener: TLSListener | None = None
         if forwardSettings.enabled:
             forward: Factory = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            METRICS.watchListener("forward", forward)
             if self.serverTLS is not None:
                 forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
-            ListenerService("forward", forwardSettings.listen, forward, reactor).setServiceParent(self)
+            self._listen("forward", forwardSettings.listen, forward)
         self.reverseTLS = material.reverseTLS
         if settings.reverse is not None:
-            reverse: Factory = ReverseProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            reverseProxy = ReverseProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            METRICS.watchListener("reverse", reverseProxy)
+            for name, room in reverseProxy.rooms.items():
+                METRICS.watchQueue(f"route {name}", lambda room=room: room.waiting)
+            reverse: Factory = reverseProxy
             if self.reverseTLS is not None:
                 reverse = TLSListener(self.reverseTLS, reverse, reactor)
-            ListenerService("reverse", settings.reverse.listen, reverse, reactor).setServiceParent(self)
+            self._listen("reverse", settings.reverse.listen, reverse)
+        if settings.admin is not None:
+            self._listen("admin", settings.admin.listen, adminSite(self.notReady, METRICS.registry))
+        self._reportCertificates()
         self._reloads = DeferredLock()
+
+    def _listen(self, name: str, description: str, factory: Factory) -> None:
+        listener = ListenerService(name, description, factory, self.reactor)
+        listener.setServiceParent(self)
+        self.listeners.append(listener)
+
+    def notReady(self) -> list[str]:
+        """
+        Why the proxy should get no traffic now (for C{/readyz}): a listener
+        not listening, expired key material, draining; empty when ready.
+        """
+        reasons = [f"{each.name} is not listening on {each.description}" for each in self.listeners if each.port is None]
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for holder in (self.serverTLS, self.reverseTLS, self.originTLS):
+            if holder is None:
+                continue
+            for certificate, what in holder.loaded.own:
+                if certificate.not_valid_after_utc < now:
+                    reasons.append(f"{what}: {certificate.subject.rfc4514_string()} expired")
+        if self.draining:
+            reasons.append("draining (shutting down)")
+        return reasons
+
+    def _reportCertificates(self) -> None:
+        for label, holder in (("forward.tls", self.serverTLS), ("reverse.tls", self.reverseTLS),
+                              ("upstream.tls", self.originTLS)):
+            if holder is not None:
+                loaded = holder.loaded
+                METRICS.setCertificates(label, [c for c, _ in (*loaded.own, *loaded.pinned)])
 
     def reloadTLS(self) -> Deferred:
         """
@@ -134,9 +180,9 @@ class ProxyService(MultiService):
         log.info("SIGHUP: reloading key and trust stores")
         return self._reloads.run(self._reloadAll).addBoth(self._reloaded)
 
-    @staticmethod
-    def _reloaded(result: object) -> object:
+    def _reloaded(self, result: object) -> object:
         # Operators and tests learn here that new handshakes use what was read.
+        self._reportCertificates()
         log.info("SIGHUP: reload of key and trust stores done")
         return result
 
@@ -197,6 +243,7 @@ class ProxyService(MultiService):
 
     def stopService(self) -> Deferred:
         """Stop listening and close idle upstream connections; the rest stops after shutdown."""
+        self.draining = True
         d = super().stopService()
         self.pool.closeIdle()
         return d

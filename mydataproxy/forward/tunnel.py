@@ -32,6 +32,7 @@ from mydataproxy.egress.connect import connect
 from mydataproxy.http.headers import HeaderList, plainResponse
 from mydataproxy.http.target import Refusal, Target
 from mydataproxy.ops.logs import AccessLog
+from mydataproxy.ops.metrics import METRICS
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.upstream.client import UpstreamPool
 
@@ -170,6 +171,7 @@ class Tunnel:
             return
         if failure.check(Refusal):
             refusal = failure.value
+            METRICS.refused(refusal.rule)
             log.info(
                 "{status} CONNECT {target}: {reason} (refused by {rule})",
                 status=refusal.status,
@@ -249,6 +251,9 @@ class Tunnel:
             seconds=time.monotonic() - self.started,
             upstream=self.upstreamAddress,
             certificate=self.channel.clientCertificate(),
+        )
+        METRICS.requestFinished(
+            "connect", b"CONNECT", self.status, time.monotonic() - self.started, self.bytesIn, self.bytesOut
         )
 
     # Origin to client

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 from twisted.python.failure import Failure
 
 from mydataproxy.config import RouteSettings
+from mydataproxy.ops.metrics import METRICS
 from mydataproxy.egress.policy import ClientAccess
 from mydataproxy.http import headers as rules
 from mydataproxy.http.target import Destination, Refusal
@@ -149,6 +150,7 @@ class ReverseRequest(ProxiedRequest):
     def _admittedNow(self, _: None) -> None:
         self._waiting = None
         self._admitted = True
+        METRICS.observeQueueWait(f"route {self.route.name}", time.monotonic() - self.started)
         if self._finished:
             self._leave()
             return

@@ -39,6 +39,7 @@ from mydataproxy.http.framing import BodyDecoder, RequestHead, parseRequestHead
 from mydataproxy.http.headers import plainResponse
 from mydataproxy.http.target import Refusal
 from mydataproxy.ops.logs import AccessLog
+from mydataproxy.ops.metrics import METRICS
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.server.request import displayURI
 from mydataproxy.tls.contexts import clientSubject
@@ -124,6 +125,7 @@ class ProxyListener(Factory):
         refusal = self.connections.admit(client)
         if refusal is not None:
             log.warn("503 connection from {client} refused by {rule}", client=client, rule=refusal)
+            METRICS.refused(refusal)
             self.accessLog.record(
                 client=f"{client}:{getattr(addr, 'port', '')}", method="-", target="-", status=503,
                 bytesIn=0, bytesOut=0, seconds=0.0, upstream="",
@@ -545,6 +547,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
             rule=f" ({refusal.rule})" if refusal.rule else "",
         )
         self._cancelHeadDeadline()
+        METRICS.refused(refusal.rule)
         method, _, rest = requestLine.partition(b" ")
         self.factory.accessLog.record(
             client=self.clientEndpoint(),

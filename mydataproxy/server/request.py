@@ -43,6 +43,11 @@ def displayURI(uri: bytes) -> str:
     return _USERINFO.sub(b"//", uri[:1024]).decode("ascii", "replace")
 
 
+def _first(values: list[bytes] | None) -> str:
+    """The first value of a field, as text for the access log ('' if absent)."""
+    return values[0].decode("latin-1") if values else ""
+
+
 class Listener(Protocol):
     """What a request needs of its listener's shared state."""
 
@@ -92,7 +97,8 @@ class RequestChannel(Protocol):
 
 
 def logRefusal(refusal: Refusal, head: RequestHead, client: str) -> None:
-    """The log line of a request the proxy refused."""
+    """The log line of a request the proxy refused, and its count by rule."""
+    METRICS.refused(refusal.rule)
     log.info(
         "{status} {method} {uri} from {client}: {reason}{rule}",
         status=refusal.status,
@@ -399,6 +405,8 @@ class ProxiedRequest:
             seconds=seconds,
             upstream=self.upstreamAddress,
             certificate=self.channel.clientCertificate(),
+            transaction=_first(self.head.values(b"x-api-tran-id")),
+            userAgent=_first(self.head.values(b"user-agent")),
         )
         head = self.head
         METRICS.requestFinished(
