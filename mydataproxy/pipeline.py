@@ -201,4 +201,4 @@ class RequestPipeline:
         allowed, decision = self.egress.decide(request, addresses)
         if not allowed:
             raise Refusal(403, "destination not allowed", decision.rule)
-        return replace(destination, addresses=tuple(allowed))
+        return replace(destination, addresses=tuple(allowed), rule=decision.rule)

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from mydataproxy.http import headers as rules
 from mydataproxy.http.target import Refusal, parseTarget
-from mydataproxy.server.request import ClientBodyThrottle, ProxiedRequest, logRefusal
+from mydataproxy.server.request import ClientBodyThrottle, ProxiedRequest
 from mydataproxy.upstream.client import UpstreamExchange
 
 # Never reflected by a TRACE the proxy answers itself.
@@ -41,8 +41,7 @@ class ForwardRequest(ProxiedRequest):
                 raise Refusal(413, "request body too large", "limits.max_body_bytes")
             maxForwards = self._maxForwards()
         except Refusal as refusal:
-            logRefusal(refusal, head, self.clientIP)
-            self.refuse(refusal.status, refusal.reason, refusal.fields)
+            self.refuseFor(refusal)
             return
         if maxForwards == 0:
             self._answerAsFinalRecipient()

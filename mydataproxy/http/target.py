@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import re
 from typing import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mydataproxy.http.hosts import normaliseHost
 
@@ -24,12 +24,15 @@ class Destination:
 
     @ivar addresses: The resolved addresses the policy allowed; connections
         are made to these and nothing else.
+    @ivar rule: The rule that allowed it, for the access log (not part of
+        the pool key).
     """
 
     scheme: str
     host: str
     port: int
     addresses: tuple[str, ...] = ()
+    rule: str = field(default="", compare=False)
 
     @property
     def authority(self) -> bytes:

@@ -31,7 +31,7 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, Union
+from typing import Callable, Protocol, Union
 
 import txaio
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
@@ -57,6 +57,15 @@ MOVED_CHECK_SECONDS = 5.0
 _STOP = None
 
 Reactor = Union[IReactorTime, IReactorFromThreads]
+
+
+class Timing(Protocol):
+    """What an access line tells of the upstream exchange (L{mydataproxy.upstream.client.UpstreamTiming})."""
+
+    connect: float | None
+    handshake: float | None
+    firstByte: float
+    tlsVersion: str
 
 
 class Timestamps:
@@ -337,49 +346,53 @@ class AccessLog:
         certificate: str = "",
         transaction: str = "",
         userAgent: str = "",
+        rule: str = "",
+        timing: Timing | None = None,
     ) -> None:
         """
         Gather one access line; never blocks.
 
         @param transaction: The MyData transaction id (C{x-api-tran-id}).
+        @param rule: The rule that allowed or refused the request.
+        @param timing: How the upstream exchange went (connect, TLS
+            handshake, first byte, TLS version).
         """
-        self.writer.add(
-            self._format(client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
-                         transaction, userAgent)
-        )
+        extra: dict[str, str] = {}
+        for key, value in (("cert", certificate), ("tran_id", transaction), ("ua", userAgent), ("rule", rule)):
+            if value:
+                extra[key] = value
+        if timing is not None:
+            for key, value in (("connect_ms", timing.connect), ("tls_ms", timing.handshake),
+                               ("ttfb_ms", timing.firstByte)):
+                if value is not None:
+                    extra[key] = f"{value * 1000:.1f}"
+            if timing.tlsVersion:
+                extra["tls"] = timing.tlsVersion
+        self.writer.add(self._format(client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra))
 
-    def _keyValue(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
-                  transaction, userAgent) -> str:
+    def _keyValue(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra) -> str:
         line = (
             f"{self._timestamp()} client={client} method={_quoted(method)} target={_quoted(target)} "
             f"status={status} in={bytesIn} out={bytesOut} ms={seconds * 1000:.1f} "
             f"upstream={upstream or '-'}"
         )
-        if certificate:
-            line += f" cert={_quoted(certificate)}"
-        if transaction:
-            line += f" tran_id={_quoted(transaction)}"
-        if userAgent:
-            line += f" ua={_quoted(userAgent)}"
+        for key, value in extra.items():
+            line += f" {key}={_quoted(value)}"
         return line + "\n"
 
-    def _combined(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
-                  transaction, userAgent) -> str:
+    def _combined(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra) -> str:
         # Apache's: host ident user [time] "request" status bytes "referer" "agent".
         host = client.rpartition(":")[0] or client
         stamp = _apacheTime(self._timestamp.local)
         request = _inQuotes(f"{method} {target} HTTP/1.1")
         return f'{host} - - [{stamp}] "{request}" {status} {bytesOut or "-"} "-" "{_inQuotes(userAgent or "-")}"\n'
 
-    def _json(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, certificate,
-              transaction, userAgent) -> str:
-        fields = {
+    def _json(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra) -> str:
+        fields: dict[str, object] = {
             "time": self._timestamp(), "client": client, "method": method, "target": target, "status": status,
             "in": bytesIn, "out": bytesOut, "ms": round(seconds * 1000, 1), "upstream": upstream or None,
         }
-        for key, value in (("cert", certificate), ("tran_id", transaction), ("ua", userAgent)):
-            if value:
-                fields[key] = value
+        fields.update((key, float(value) if key.endswith("_ms") else value) for key, value in extra.items())
         # ensure_ascii: every control and line-separator character escaped.
         return json.dumps(fields, ensure_ascii=True, separators=(",", ":")) + "\n"
 

@@ -29,7 +29,7 @@ from mydataproxy.http.target import Destination, Refusal
 from mydataproxy.reverse.balancer import Backend, BackendGroup, WaitingRoom
 from mydataproxy.reverse.rewrite import FORWARDING_FIELDS, ClientSide, clientSide, forwardingFields, publicResponseFields
 from mydataproxy.reverse.routes import RouteTable, backendTarget, checkTarget, requestHost
-from mydataproxy.server.request import ClientBodyThrottle, Listener, ProxiedRequest, displayURI, logRefusal
+from mydataproxy.server.request import ClientBodyThrottle, Listener, ProxiedRequest, displayURI
 from mydataproxy.upstream.client import UpstreamConnection, UpstreamError, UpstreamExchange
 
 txaio.use_twisted()
@@ -135,8 +135,7 @@ class ReverseRequest(ProxiedRequest):
                 self._upgrade = upgrade[0]
             waiting = proxy.rooms[route.name].enter()
         except Refusal as refusal:
-            logRefusal(refusal, head, self.clientIP)
-            self.refuse(refusal.status, refusal.reason, refusal.fields)
+            self.refuseFor(refusal)
             return
         self._exchange = self._newExchange()
         if waiting is None:

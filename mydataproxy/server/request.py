@@ -29,7 +29,7 @@ from mydataproxy.http.target import Destination, Refusal, Target
 from mydataproxy.ops.logs import AccessLog
 from mydataproxy.ops.metrics import METRICS, requestMode
 from mydataproxy.pipeline import RequestPipeline
-from mydataproxy.upstream.client import BodyFraming, UpstreamError, UpstreamExchange, UpstreamPool
+from mydataproxy.upstream.client import BodyFraming, UpstreamError, UpstreamExchange, UpstreamPool, UpstreamTiming
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -147,7 +147,7 @@ class ProxiedRequest:
 
     __slots__ = (
         "channel", "head", "started", "target", "clientIP", "status", "bytesIn", "bytesOut",
-        "upstreamAddress", "_exchange", "_bodyComplete", "_responseStarted", "_finished", "_chunked",
+        "upstreamAddress", "rule", "timing", "_exchange", "_bodyComplete", "_responseStarted", "_finished", "_chunked",
     )
 
     def __init__(self, channel: RequestChannel, head: RequestHead) -> None:
@@ -160,6 +160,8 @@ class ProxiedRequest:
         self.bytesIn = 0
         self.bytesOut = 0
         self.upstreamAddress = ""
+        self.rule = ""
+        self.timing: UpstreamTiming | None = None
         self._exchange: UpstreamExchange | None = None
         self._bodyComplete = not head.hasBody
         self._responseStarted = False
@@ -216,6 +218,7 @@ class ProxiedRequest:
         """Send the request to C{destination} (with C{upstreamHead}, when it depends on it)."""
         if self._exchange is None or self._finished:
             return
+        self.rule = destination.rule
         head = self.head
         if (
             head.version == b"HTTP/1.1"
@@ -233,8 +236,7 @@ class ProxiedRequest:
         # The exchange never started: let go of the body it holds back.
         self._exchange.abort()
         if failure.check(Refusal):
-            logRefusal(failure.value, self.head, self.clientIP)
-            self.refuse(failure.value.status, failure.value.reason, failure.value.fields)
+            self.refuseFor(failure.value)
             return
         self.responseFailed(self.proxy.pool.describeConnectFailure(self.target.destination, failure))
 
@@ -253,6 +255,7 @@ class ProxiedRequest:
     def bodyRefused(self, refusal: Refusal) -> None:
         """The body broke a framing rule or the body limit: answer and close."""
         logRefusal(refusal, self.head, self.clientIP)
+        self.rule = refusal.rule
         self.channel.closeAfterResponse()
         if self._exchange is not None:
             exchange, self._exchange = self._exchange, None
@@ -279,6 +282,7 @@ class ProxiedRequest:
         self.status = status
         self._responseStarted = True
         self.upstreamAddress = self._exchange.upstreamAddress
+        self.timing = self._exchange.timing
         channel = self.channel
         version = self.head.version
         hasBody = not (self.head.method == b"HEAD" or status in (204, 304))
@@ -360,6 +364,12 @@ class ProxiedRequest:
 
     # Answers the proxy gives itself.
 
+    def refuseFor(self, refusal: Refusal) -> None:
+        """Log C{refusal} and answer it; its rule goes into the access line."""
+        logRefusal(refusal, self.head, self.clientIP)
+        self.rule = refusal.rule
+        self.refuse(refusal.status, refusal.reason, refusal.fields)
+
     def refuse(self, status: int, reason: str, fields: rules.HeaderList = ()) -> None:
         """Answer C{status} with a plain-text C{reason} (the caller logs why)."""
         body = (reason + "\n").encode("utf-8")
@@ -407,6 +417,8 @@ class ProxiedRequest:
             certificate=self.channel.clientCertificate(),
             transaction=_first(self.head.values(b"x-api-tran-id")),
             userAgent=_first(self.head.values(b"user-agent")),
+            rule=self.rule,
+            timing=self.timing,
         )
         head = self.head
         METRICS.requestFinished(

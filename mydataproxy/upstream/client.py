@@ -27,6 +27,7 @@ import enum
 import re
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Protocol as TypingProtocol
 
 import txaio
@@ -198,6 +199,20 @@ class _Unobserved:
 
 
 UNOBSERVED: UpstreamObserver = _Unobserved()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTiming:
+    """
+    How one exchange went, for its access line (seconds; L{None} for what
+    did not happen on this exchange: no connect or handshake on a reused
+    connection, no TLS to a plain origin).
+    """
+
+    connect: float | None
+    handshake: float | None
+    firstByte: float
+    tlsVersion: str
 
 
 class RawSink(TypingProtocol):
@@ -401,10 +416,15 @@ class UpstreamConnection(Protocol):
         self.evicted = False
         self.ready: defer.Deferred = defer.Deferred()
         self._sink: RawSink | None = None
+        self.connectSeconds = 0.0
+        self.handshakeSeconds: float | None = None
+        self.firstByteSeconds = 0.0
+        self.tlsVersion = ""
 
     def connectionMade(self) -> None:
         self._connectedAt = self._now()
-        self.observer.connected(self.label, self._connectedAt - self._openedAt)
+        self.connectSeconds = self._connectedAt - self._openedAt
+        self.observer.connected(self.label, self.connectSeconds)
         address = self.transport.getPeer()
         self.peer = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
         if ITCPTransport.providedBy(self.transport):
@@ -414,7 +434,9 @@ class UpstreamConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         """TLS is up: apply our own checks before any request byte is sent."""
-        self.observer.handshaken(self.label, self._now() - self._connectedAt)
+        self.handshakeSeconds = self._now() - self._connectedAt
+        self.observer.handshaken(self.label, self.handshakeSeconds)
+        self.tlsVersion = self.transport.getHandle().get_protocol_version_name()
         problem = self.pool.originTLS.checkPeer(self.destination.host, self.transport.getHandle())
         if problem is not None:
             self.transport.failVerification(Failure(TLSCheckFailed(problem)))
@@ -462,7 +484,8 @@ class UpstreamConnection(Protocol):
             return
         if not self._receivedAny:
             self._receivedAny = True
-            self.observer.firstByte(self.label, self._now() - self._sentAt)
+            self.firstByteSeconds = self._now() - self._sentAt
+            self.observer.firstByte(self.label, self.firstByteSeconds)
         exchange.activity()
         state = self._state
         # Fast paths: the common large-body cases, delivered without copying.
@@ -899,6 +922,7 @@ class UpstreamExchange:
         self.connectTimeout = connectTimeout
         self.readTimeout = pool.settings.read_timeout if readTimeout is None else readTimeout
         self.upgrading = upgrading
+        self.timing: UpstreamTiming | None = None
         self.destination: Destination | None = None
         self.upstreamAddress = ""
         self._head = head
@@ -1024,6 +1048,15 @@ class UpstreamExchange:
     def headReceived(
         self, status: int, reason: bytes, fields: HeaderList, bodyLength: int | None, declaredLength: int | None
     ) -> None:
+        connection = self._connection
+        if connection is not None:
+            fresh = not connection.reused
+            self.timing = UpstreamTiming(
+                connection.connectSeconds if fresh else None,
+                connection.handshakeSeconds if fresh else None,
+                connection.firstByteSeconds,
+                connection.tlsVersion,
+            )
         self._receiver.responseStarted(status, reason, fields, bodyLength, declaredLength)
 
     def bodyReceived(self, data: bytes) -> None:
