@@ -29,6 +29,7 @@ from mydataproxy.forward.listener import ForwardProxy
 from mydataproxy.reverse.listener import ReverseProxy
 from mydataproxy.tls.listener import TLSListener
 from mydataproxy.ops.admin import adminSite
+from mydataproxy.ops.levels import applyLevels
 from mydataproxy.ops.logs import AccessLog, ErrorLog
 from mydataproxy.ops.metrics import METRICS
 from mydataproxy.pipeline import RequestPipeline
@@ -218,7 +219,7 @@ class ProxyService(MultiService):
                 each.reopen()
 
     def privilegedStartService(self) -> None:
-        txaio.set_global_log_level(self.settings.logging.level)
+        applyLevels(self.settings.logging)
         for each in (self.errorLog, self.accessLog):
             if each is None:
                 continue

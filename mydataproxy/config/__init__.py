@@ -26,6 +26,7 @@ from mydataproxy.config.model import (
     IPNetwork,
     LOG_FORMATS,
     LOG_LEVELS,
+    LOG_SEVERITIES,
     LOG_TIMES,
     LimitSettings,
     LoggingSettings,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from mydataproxy.config.model import (
+    LOG_LEVELS,
     CLIENT_AUTH,
     TLS_VERSIONS,
     ConfigError,
@@ -221,6 +222,18 @@ _NOTICED["server.ssl.reloadShell"] = (
 
 _KNOWN = [*_MAPPED, *_TLS, *_NOTICED, "logging.level.root"]
 
+# Spring loggers of the Java product -> our components: its HTTP client's
+# request logging is the upstream client's.
+_LOGGERS = {
+    "root": "",
+    "org.apache.http": "mydataproxy.upstream",
+    "org.apache.hc": "mydataproxy.upstream",
+    "org.springframework.web.client": "mydataproxy.upstream",
+    "org.springframework.web.client.RestTemplate": "mydataproxy.upstream",
+}
+# Wire logging (every byte): not built.
+_WIRE = ("org.apache.http.wire", "org.apache.hc.client5.http.wire", "httpclient.wire")
+
 
 def _shown(key: str, value: str) -> str:
     return "(value hidden)" if "password" in key.lower() else repr(value)
@@ -266,6 +279,17 @@ def loadProperties(path: Path) -> Settings:
                     )
             elif key in _TLS:
                 tls[key] = value
+            elif key.startswith("logging.level.") and key[len("logging.level."):] in _LOGGERS:
+                component = _LOGGERS[key[len("logging.level."):]]
+                level = value.lower()
+                if level == "off":
+                    level = "critical"
+                if level not in LOG_LEVELS:
+                    raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} or OFF")
+                if component:
+                    values["logging"].setdefault("levels", []).append((component, level))
+                else:
+                    values["logging"]["level"] = level
             elif key in _NOTICED or key.startswith("logging.level."):
                 reason = _NOTICED.get(key, _NOT_YET)
                 notices.append(f"{source}:{line}: {key} {reason}")
@@ -289,6 +313,8 @@ def loadProperties(path: Path) -> Settings:
         _checkEndpoint(source, description, lines)
         forward = replace(forward, listen=description)
     logging = dict(values["logging"])
+    if "levels" in logging:
+        logging["levels"] = tuple(logging["levels"])
     if "access_log" in logging:
         logging["access_log"] = resolvePath(str(logging["access_log"]), path.parent)
         problem = logDirectoryProblem(logging["access_log"])

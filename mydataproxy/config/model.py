@@ -306,6 +306,9 @@ class LoggingSettings:
     @ivar max_age_days: Rotated files older than this are deleted (0: never).
     @ivar queue_lines: Lines held for a log that cannot keep up (a hung
         mount); beyond, lines are dropped and counted.
+    @ivar levels: C{(component, level)}: a level of its own for a component
+        (a module or package, C{mydataproxy.upstream}), the most specific
+        winning; C{level} for the rest.
     @ivar tamper_evident: Chain each access line to the previous one with a
         hash (see L{mydataproxy.ops.audit}).
     """
@@ -323,6 +326,7 @@ class LoggingSettings:
     format: str = "keyvalue"
     time: str = "utc"
     level: str = "info"
+    levels: tuple[tuple[str, str], ...] = ()
     queue_lines: int = 65536
     tamper_evident: bool = False
 
@@ -399,7 +403,14 @@ class Settings:
             name = name.rpartition(".")[0]
 
 
-LOG_LEVELS = ("critical", "error", "warn", "info", "debug", "trace")
+#: Severities a level may be given in (syslog's, ours and trace), and the
+#: level each means to the logging system.
+LOG_SEVERITIES = {
+    "emerg": "critical", "alert": "critical", "crit": "critical", "critical": "critical",
+    "err": "error", "error": "error", "warning": "warn", "warn": "warn",
+    "notice": "info", "info": "info", "debug": "debug", "trace": "trace",
+}
+LOG_LEVELS = tuple(LOG_SEVERITIES)
 
 
 #: Fields the proxy writes itself, from what it parsed (framing) and from the

@@ -682,13 +682,26 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
         elif key == "time":
             values[key] = check.choice(dotted, value, LOG_TIMES)
         elif key == "level":
-            level = check.string(dotted, value).lower()
-            if level not in LOG_LEVELS:
-                raise check.error(dotted, f"must be one of {', '.join(LOG_LEVELS)}")
-            values[key] = level
+            values[key] = _level(check, dotted, value)
+        elif key == "levels":
+            if not isinstance(value, dict):
+                raise check.error(dotted, 'must be a table of components and levels, e.g. { "mydataproxy.upstream" = "debug" }')
+            levels = []
+            for component, level in value.items():
+                if not re.fullmatch(r"mydataproxy(\.[a-z_]+)*", component):
+                    raise check.error(f"{dotted}.{component}", "must name a component: mydataproxy or a module in it")
+                levels.append((component, _level(check, f"{dotted}.{component}", level)))
+            values[key] = tuple(levels)
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def _level(check: _Checker, dotted: str, value: Any) -> str:
+    level = check.string(dotted, value).lower()
+    if level not in LOG_LEVELS:
+        raise check.error(dotted, f"must be one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def _admin(check: _Checker, table: Mapping[str, Any]) -> AdminSettings:
