@@ -230,9 +230,11 @@ _LOGGERS = {
     "org.apache.hc": "mydataproxy.upstream",
     "org.springframework.web.client": "mydataproxy.upstream",
     "org.springframework.web.client.RestTemplate": "mydataproxy.upstream",
+    # Wire logging: the heads exchanged with origins, credentials redacted.
+    "org.apache.http.wire": "mydataproxy.http.wire",
+    "org.apache.hc.client5.http.wire": "mydataproxy.http.wire",
+    "httpclient.wire": "mydataproxy.http.wire",
 }
-# Wire logging (every byte): not built.
-_WIRE = ("org.apache.http.wire", "org.apache.hc.client5.http.wire", "httpclient.wire")
 
 
 def _shown(key: str, value: str) -> str:

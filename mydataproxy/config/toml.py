@@ -687,7 +687,7 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
             if not isinstance(value, dict):
                 raise check.error(dotted, 'must be a table of components and levels, e.g. { "mydataproxy.upstream" = "debug" }')
             levels = []
-            for component, level in value.items():
+            for component, level in _flattened(value):
                 if not re.fullmatch(r"mydataproxy(\.[a-z_]+)*", component):
                     raise check.error(f"{dotted}.{component}", "must name a component: mydataproxy or a module in it")
                 levels.append((component, _level(check, f"{dotted}.{component}", level)))
@@ -695,6 +695,17 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
         else:
             raise check.error(dotted, "unknown key")
     return replace(defaults, **values)
+
+
+def _flattened(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A table's entries with dotted keys (TOML reads C{a.b = 1} as a table in a table) joined again."""
+    entries: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            entries += _flattened(value, f"{prefix}{key}.")
+        else:
+            entries.append((prefix + key, value))
+    return entries
 
 
 def _level(check: _Checker, dotted: str, value: Any) -> str:

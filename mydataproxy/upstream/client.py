@@ -49,6 +49,7 @@ from mydataproxy.config import UpstreamSettings
 from mydataproxy.egress.connect import connect
 from mydataproxy.http.headers import HeaderList
 from mydataproxy.http.target import Destination
+from mydataproxy.http.wire import logHead
 from mydataproxy.egress.resolver import ResolutionTimeout
 from mydataproxy.tls.contexts import OriginTLS, TLSCheckFailed, describeHandshakeFailure
 
@@ -452,6 +453,7 @@ class UpstreamConnection(Protocol):
         self._interim = 0
         self._statusChecked = False
         self._sentAt = self._now()
+        logHead(">>", self.peer, head)
         self.transport.write(head)
 
     def relayTo(self, sink: RawSink) -> None:
@@ -671,6 +673,7 @@ class UpstreamConnection(Protocol):
             raise InvalidResponse("bare CR in response framing")
 
     def _headReceived(self, exchange: "UpstreamExchange", head: bytes, more: bool) -> None:
+        logHead("<<", self.peer, head)
         version, status, reason, fields = parseResponseHead(head)
         if status < 200:
             if status == 101:

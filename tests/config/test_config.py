@@ -467,8 +467,6 @@ def test_propertiesLogFile(tmp_path: Path) -> None:
 UNSUPPORTED = [
     "proxy.httpclient.disableContentCompression",
     "logging.file.total-size-cap",
-    "logging.level.httpclient.wire",
-    "logging.level.org.apache.http.wire",
     "logging.level.com.example.Other",
     "debug",
 ]

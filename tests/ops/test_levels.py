@@ -6,6 +6,7 @@ Java product's C{logging.level.<logger>} keys mapped onto them.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from twisted.logger import LogLevel, capturedLogs
 
 from mydataproxy import config
 from mydataproxy.config import LoggingSettings
+from mydataproxy.http.wire import redacted
 from mydataproxy.ops.levels import applyLevels
 
 
@@ -90,8 +92,35 @@ def test_javaLoggerLevelsMapOntoComponents(tmp_path: Path) -> None:
     assert not [n for n in settings.notices if "logging.level" in n]
 
 
-def test_javaWireLoggingIsReportedNotHonoured(tmp_path: Path) -> None:
+def test_javaWireLoggingMapsOntoTheWireComponent(tmp_path: Path) -> None:
     path = write(tmp_path, "application.properties", "logging.level.org.apache.http.wire=DEBUG\n")
     settings = config.load(path)
-    assert settings.logging.levels == ()
-    assert any("logging.level.org.apache.http.wire is not supported yet" in n for n in settings.notices)
+    assert settings.logging.levels == (("mydataproxy.http.wire", "debug"),)
+
+
+def test_wireHeadsAreRedacted() -> None:
+    head = (
+        b"GET /v1/accounts?id=7&password=hunter2&token=abc HTTP/1.1\r\n"
+        b"Host: api.bank.example\r\nAuthorization: Bearer s3cr3t\r\nproxy-authorization:Basic eDp5\r\n"
+        b"Cookie: session=42\r\nX-Api-Tran-Id: T1\r\n\r\n"
+    )
+    shown = redacted(head)
+    for secret in ("hunter2", "abc", "s3cr3t", "eDp5", "session=42"):
+        assert secret not in shown, shown
+    assert "id=7" in shown and "X-Api-Tran-Id: T1" in shown and shown.count("[redacted]") == 5, shown
+
+
+def test_aRunningProxyLogsTheWireWhenAsked(proxy_factory, origin) -> None:
+    import requests
+
+    proxy = proxy_factory(logging={"levels": {"mydataproxy.http.wire": "debug"}})
+    r = requests.get(f"{proxy.url}/echo/wire", headers={"x-target-host": origin.url, "Authorization": "Bearer s3cr3t"},
+                     timeout=10)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 5
+    while ">> 127.0.0.1" not in proxy.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    output = proxy.output()
+    assert ">> 127.0.0.1" in output and "GET /echo/wire HTTP/1.1" in output, output[-2000:]
+    assert "<< 127.0.0.1" in output and "HTTP/1.1 200" in output, output[-2000:]
+    assert "Authorization: [redacted]" in output and "s3cr3t" not in output
