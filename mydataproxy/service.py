@@ -32,6 +32,7 @@ from mydataproxy.ops.admin import adminSite
 from mydataproxy.ops.levels import applyLevels
 from mydataproxy.ops.logs import AccessLog, ErrorLog
 from mydataproxy.ops.metrics import METRICS
+from mydataproxy.ops.syslog import SyslogObserver
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.upstream.client import UpstreamPool
@@ -104,6 +105,8 @@ class ProxyService(MultiService):
         self.accessLog = AccessLog(settings.logging.accessPath(host), reactor, settings.logging)
         errorPath = settings.logging.errorPath(host)
         self.errorLog = ErrorLog(errorPath, reactor, settings.logging) if errorPath else None
+        logging = settings.logging
+        self.syslog = SyslogObserver(logging.syslog, logging.syslog_facility) if logging.syslog else None
         self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS, METRICS.upstream(settings))
         METRICS.watchPool(self.pool)
         METRICS.watchLog("access", self.accessLog)
@@ -227,8 +230,9 @@ class ProxyService(MultiService):
                 each.start()
             except OSError as e:
                 raise ListenerError(f"mydataproxy: cannot open the log {each.path}: {e}") from None
-        if self.errorLog is not None:
-            globalLogPublisher.addObserver(self.errorLog)
+        for observer in (self.errorLog, self.syslog):
+            if observer is not None:
+                globalLogPublisher.addObserver(observer)
         log.info("configuration from {source}", source=self.settings.source)
         for notice in self.settings.notices:
             log.warn("{notice}", notice=notice)
@@ -256,6 +260,9 @@ class ProxyService(MultiService):
         if self.errorLog is not None:
             globalLogPublisher.removeObserver(self.errorLog)
             self.errorLog.stop()
+        if self.syslog is not None:
+            globalLogPublisher.removeObserver(self.syslog)
+            self.syslog.close()
 
 
 def makeService(settings: Settings, material: Material | None = None, reactor=None) -> ProxyService:

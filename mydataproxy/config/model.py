@@ -283,6 +283,7 @@ class UpstreamSettings:
 
 
 LOG_FORMATS = ("keyvalue", "combined", "json")
+SYSLOG_FACILITIES = ("kern", "user", "daemon", "auth", *(f"local{n}" for n in range(8)))
 LOG_TIMES = ("utc", "local")
 
 
@@ -309,6 +310,8 @@ class LoggingSettings:
     @ivar levels: C{(component, level)}: a level of its own for a component
         (a module or package, C{mydataproxy.upstream}), the most specific
         winning; C{level} for the rest.
+    @ivar syslog: The local syslog socket (C{/dev/log}) the daemon's events
+        also go to, as RFC 5424 messages; C{""}: none.
     @ivar tamper_evident: Chain each access line to the previous one with a
         hash (see L{mydataproxy.ops.audit}).
     """
@@ -329,6 +332,8 @@ class LoggingSettings:
     levels: tuple[tuple[str, str], ...] = ()
     queue_lines: int = 65536
     tamper_evident: bool = False
+    syslog: str = ""
+    syslog_facility: str = "daemon"
 
     def accessPath(self, host: str) -> str:
         """The access log's path (or C{"-"}) on host C{host}."""

@@ -35,6 +35,7 @@ from mydataproxy.config.model import (
     LOG_FORMATS,
     LOG_LEVELS,
     LOG_TIMES,
+    SYSLOG_FACILITIES,
     LimitSettings,
     LoggingSettings,
     MODES,
@@ -679,6 +680,10 @@ def _logging(check: _Checker, table: Mapping[str, Any], base: Path) -> LoggingSe
             values[key] = check.boolean(dotted, value)
         elif key == "format":
             values[key] = check.choice(dotted, value, LOG_FORMATS)
+        elif key == "syslog":
+            values[key] = "" if value == "" else check.string(dotted, value)
+        elif key == "syslog_facility":
+            values[key] = check.choice(dotted, value, SYSLOG_FACILITIES)
         elif key == "time":
             values[key] = check.choice(dotted, value, LOG_TIMES)
         elif key == "level":
