@@ -27,6 +27,7 @@ from mydataproxy.egress.auth import ProxyAuthenticator
 from mydataproxy.config import Settings
 from mydataproxy.forward.listener import ForwardProxy
 from mydataproxy.reverse.listener import ReverseProxy
+from mydataproxy.server.channel import ProxyListener
 from mydataproxy.tls.listener import TLSListener
 from mydataproxy.ops.admin import adminSite
 from mydataproxy.ops.levels import applyLevels
@@ -40,6 +41,11 @@ from mydataproxy.material import Material, loadMaterial
 
 txaio.use_twisted()
 log = txaio.make_logger()
+
+# How often a drain looks whether every connection has closed.
+DRAIN_CHECK_SECONDS = 0.1
+# How long a cut-off waits for the aborted connections to end.
+CUT_SECONDS = 1.0
 
 
 class ListenerError(SystemExit):
@@ -113,7 +119,9 @@ class ProxyService(MultiService):
         if self.errorLog is not None:
             METRICS.watchLog("error", self.errorLog.writer)
         self.listeners: list[ListenerService] = []
+        self.proxies: list[ProxyListener] = []
         self.draining = False
+        self._cutAt: float | None = None
         forwardSettings = settings.forward
         self.authenticator = (
             ProxyAuthenticator(material.htpasswd, forwardSettings.auth_realm, reactor)
@@ -124,7 +132,9 @@ class ProxyService(MultiService):
         self.pipeline = RequestPipeline(settings, Resolver(reactor, settings.resolver), self.authenticator, reactor)
         self.tlsListener: TLSListener | None = None
         if forwardSettings.enabled:
-            forward: Factory = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            forwardProxy = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            self.proxies.append(forwardProxy)
+            forward: Factory = forwardProxy
             METRICS.watchListener("forward", forward)
             if self.serverTLS is not None:
                 forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
@@ -132,6 +142,7 @@ class ProxyService(MultiService):
         self.reverseTLS = material.reverseTLS
         if settings.reverse is not None:
             reverseProxy = ReverseProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
+            self.proxies.append(reverseProxy)
             METRICS.watchListener("reverse", reverseProxy)
             for name, room in reverseProxy.rooms.items():
                 METRICS.watchQueue(f"route {name}", lambda room=room: room.waiting)
@@ -247,11 +258,54 @@ class ProxyService(MultiService):
         super().privilegedStartService()
 
     def stopService(self) -> Deferred:
-        """Stop listening and close idle upstream connections; the rest stops after shutdown."""
+        """
+        SIGTERM: stop accepting and turn not ready at once, close idle
+        connections, give the requests and tunnels in flight up to
+        C{daemon.shutdown_timeout} seconds (a second SIGTERM or SIGINT: none
+        more), then cut what is left and stop the admin listener last.
+        """
         self.draining = True
-        d = super().stopService()
+        log.info(
+            "draining: {n} client connections open, up to {s:g} s (daemon.shutdown_timeout)",
+            n=sum(len(p.channels) for p in self.proxies), s=self.settings.daemon.shutdown_timeout,
+        )
+        stopped = [each.stopService() for each in self.listeners if each.name != "admin"]
+        for proxy in self.proxies:
+            proxy.drain()
         self.pool.closeIdle()
-        return d
+        drained = Deferred()
+        deadline = self.reactor.callLater(self.settings.daemon.shutdown_timeout, self._cutOff, drained)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda signum, frame: self.reactor.callFromThread(self._cutOff, drained))
+
+        def check() -> None:
+            if drained.called:
+                return
+            open = any(p.channels for p in self.proxies)
+            # After a cut-off, the aborted connections' ends (and access
+            # lines) come at the next turns of the reactor.
+            if open and (self._cutAt is None or self.reactor.seconds() - self._cutAt < CUT_SECONDS):
+                self.reactor.callLater(DRAIN_CHECK_SECONDS, check)
+                return
+            if deadline.active():
+                deadline.cancel()
+            if self._cutAt is None:
+                log.info("drained: every request and tunnel finished")
+            drained.callback(None)
+
+        check()
+        drained.addCallback(lambda _: gatherResults([d for d in stopped if d is not None]))
+        drained.addCallback(lambda _: super(ProxyService, self).stopService())
+        return drained
+
+    def _cutOff(self, drained: Deferred) -> None:
+        if drained.called or self._cutAt is not None:
+            return
+        self._cutAt = self.reactor.seconds()
+        open = sum(len(p.channels) for p in self.proxies)
+        log.warn("shutdown: cutting off {n} client connections still open", n=open)
+        for proxy in self.proxies:
+            proxy.cutOff()
 
     def _stopLast(self) -> None:
         if self.authenticator is not None:

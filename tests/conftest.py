@@ -638,6 +638,8 @@ def default_config(port: int, access_log: Path, connect_ports, dns: DnsServer, *
             "max_connections_total": 500,
         },
         "logging": {"access_log": str(access_log), "level": "info"},
+        # A test that stops a proxy with work in flight waits this long at most.
+        "daemon": {"shutdown_timeout": 2.0},
         # The SSRF guard refuses loopback unless a rule names it: the test
         # origins all live there.
         "egress": {

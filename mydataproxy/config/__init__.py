@@ -17,6 +17,7 @@ from mydataproxy.config.model import (
     ACTIONS,
     AdminSettings,
     BALANCE,
+    DaemonSettings,
     CLIENT_AUTH,
     ConfigError,
     DEFAULT_HTTP_PORTS,

@@ -353,6 +353,19 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class DaemonSettings:
+    """
+    The process as a whole.
+
+    @ivar shutdown_timeout: Seconds that requests and tunnels in flight get
+        to finish after SIGTERM (a second SIGTERM or SIGINT cuts them at
+        once).
+    """
+
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     """The admin listener: health, readiness and metrics (loopback by default)."""
 
@@ -388,6 +401,7 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     admin: AdminSettings | None = None
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
     notices: tuple[str, ...] = ()
     locations: tuple[tuple[str, str, int | None], ...] = ()
 

@@ -26,6 +26,7 @@ from mydataproxy.config.model import (
     ACTIONS,
     AdminSettings,
     BALANCE,
+    DaemonSettings,
     CLIENT_AUTH,
     ConfigError,
     EgressRule,
@@ -720,6 +721,17 @@ def _level(check: _Checker, dotted: str, value: Any) -> str:
     return level
 
 
+def _daemon(check: _Checker, table: Mapping[str, Any]) -> DaemonSettings:
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"daemon.{key}"
+        if key == "shutdown_timeout":
+            values[key] = check.number(dotted, value, 0, integer=False)
+        else:
+            raise check.error(dotted, "unknown key")
+    return DaemonSettings(**values)
+
+
 def _admin(check: _Checker, table: Mapping[str, Any]) -> AdminSettings:
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -848,6 +860,8 @@ def settingsFromMapping(
             sections[name] = _logging(check, table, base)
         elif name == "admin":
             sections[name] = _admin(check, table)
+        elif name == "daemon":
+            sections[name] = _daemon(check, table)
         elif name != "reverse":
             raise check.error(name, "unknown section")
     if "reverse" in document:

@@ -95,6 +95,8 @@ class ProxyListener(Factory):
         self.reactor = reactor
         self.idleTimeout = idleTimeout
         self.connections = ConnectionCounter(settings.limits)
+        self.channels: set[ProxyChannel] = set()
+        self.draining = False
         self.tunnels: set[RelayedTunnel] = set()
         self._tunnelSweep = LoopingCall(self._closeIdleTunnels)
         self._tunnelSweep.clock = reactor
@@ -106,6 +108,20 @@ class ProxyListener(Factory):
     def newTunnel(self, channel: ProxyChannel, head: RequestHead) -> ClientTunnel:
         """The tunnel for a CONNECT C{head} (when L{takesConnect})."""
         raise NotImplementedError
+
+    def drain(self) -> None:
+        """
+        Shutting down: idle connections are closed now, the others after
+        the response in progress; tunnels run on until they end.
+        """
+        self.draining = True
+        for channel in list(self.channels):
+            channel.drain()
+
+    def cutOff(self) -> None:
+        """The drain's time is up: drop every connection still open."""
+        for channel in list(self.channels):
+            channel.cutOff()
 
     def startFactory(self) -> None:
         self._tunnelSweep.start(min(self.limits.tunnel_idle_timeout / 4, 30.0), now=False)
@@ -163,6 +179,8 @@ class ClientTunnel(RelayedTunnel, typing.Protocol):
 
 class ChannelRequest(typing.Protocol):
     """What a channel needs of the request it carries."""
+
+    rule: str  # the access line's: a cut-off at shutdown says so
 
     def start(self) -> None: ...
 
@@ -278,8 +296,23 @@ class ProxyChannel(Protocol, TimeoutMixin):
     # Connection life.
 
     def connectionMade(self) -> None:
+        self.factory.channels.add(self)
         self.setTimeout(self.factory.idleTimeout)
         self.transport.registerProducer(self, True)
+        if self.factory.draining:
+            self._persistent = False
+
+    def drain(self) -> None:
+        """The listener is draining: close if idle, else after the current response."""
+        self._persistent = False
+        if self._request is None and self.tunnel is None and self._state == _Reading.HEAD and not self._buffer:
+            self.close()
+
+    def cutOff(self) -> None:
+        """The drain is over: drop the connection, saying why in the access line."""
+        if self._request is not None:
+            self._request.rule = "daemon.shutdown_timeout"
+        self.transport.abortConnection()
 
     def timeoutConnection(self) -> None:
         log.info(
@@ -634,6 +667,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         """Our half-close towards the client completed; nothing to do."""
 
     def connectionLost(self, reason: Failure) -> None:
+        self.factory.channels.discard(self)
         self.setTimeout(None)
         self._cancelHeadDeadline()
         for call in (self._lingerCall, self._closeCall):
