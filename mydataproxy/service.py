@@ -281,10 +281,10 @@ class ProxyService(MultiService):
         def check() -> None:
             if drained.called:
                 return
-            open = any(p.channels for p in self.proxies)
+            busy = any(p.channels for p in self.proxies)
             # After a cut-off, the aborted connections' ends (and access
             # lines) come at the next turns of the reactor.
-            if open and (self._cutAt is None or self.reactor.seconds() - self._cutAt < CUT_SECONDS):
+            if busy and (self._cutAt is None or self.reactor.seconds() - self._cutAt < CUT_SECONDS):
                 self.reactor.callLater(DRAIN_CHECK_SECONDS, check)
                 return
             if deadline.active():
@@ -302,8 +302,9 @@ class ProxyService(MultiService):
         if drained.called or self._cutAt is not None:
             return
         self._cutAt = self.reactor.seconds()
-        open = sum(len(p.channels) for p in self.proxies)
-        log.warn("shutdown: cutting off {n} client connections still open", n=open)
+        log.warn(
+            "shutdown: cutting off {n} client connections still open", n=sum(len(p.channels) for p in self.proxies)
+        )
         for proxy in self.proxies:
             proxy.cutOff()
 

@@ -27,10 +27,10 @@ import socket
 import threading
 import time
 
-LOOPBACK = "127.0.0.1"
+from loopback_server import LoopbackServer
 
 
-class RecordingOrigin:
+class RecordingOrigin(LoopbackServer):
     """
     The origin described in the module docstring.  C{requests} holds one
     dict per request head received: C{method}, C{target}, C{version},
@@ -39,24 +39,9 @@ class RecordingOrigin:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.requests: list[dict] = []
         self.connections: list[dict] = []
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((LOOPBACK, 0))
-        self.listener.listen(128)
-        self.port = self.listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def authority(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.authority}"
+        super().__init__(backlog=128)
 
     # -- observation ----------------------------------------------------------
 
@@ -83,59 +68,36 @@ class RecordingOrigin:
         with self.lock:
             return b"".join(bytes(c["raw"]) for c in self.connections)
 
-    def close(self) -> None:
-        self.listener.close()
-        with self.lock:
-            for s in self._sockets:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
     # -- serving --------------------------------------------------------------
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            conn = {"raw": bytearray()}
-            with self.lock:
-                self._sockets.append(sock)
-                self.connections.append(conn)
-            threading.Thread(target=self._serve, args=(sock, conn), daemon=True).start()
+    def handle(self, sock: socket.socket) -> None:
+        conn = {"raw": bytearray()}
+        with self.lock:
+            self.connections.append(conn)
+        self._serve(sock, conn)
 
     def _serve(self, sock: socket.socket, conn: dict) -> None:
         reader = _Reader(sock, conn, self.lock)
-        try:
-            while True:
-                entry = self._read_head(reader)
-                target = entry["target"]
-                if target.startswith("/early-status/"):
-                    self._early_status(sock, reader, int(target.split("/")[2].split("?")[0]))
-                    return
-                if target.startswith("/stream-early"):
-                    self._stream_early(sock, reader, entry)
-                    return
-                body = self._read_body(reader, entry)
-                with self.lock:
-                    entry["body"] = body
-                    entry["complete"] = True
-                if target.startswith("/delay/"):
-                    time.sleep(int(target.split("/")[2].split("?")[0]) / 1000.0)
-                answer = json.dumps({"target": target, "body_length": len(body)}).encode()
-                sock.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
-                )
-        except (EOFError, OSError, ValueError):
-            pass
-        finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        while True:
+            entry = self._read_head(reader)
+            target = entry["target"]
+            if target.startswith("/early-status/"):
+                self._early_status(sock, reader, int(target.split("/")[2].split("?")[0]))
+                return
+            if target.startswith("/stream-early"):
+                self._stream_early(sock, reader, entry)
+                return
+            body = self._read_body(reader, entry)
+            with self.lock:
+                entry["body"] = body
+                entry["complete"] = True
+            if target.startswith("/delay/"):
+                time.sleep(int(target.split("/")[2].split("?")[0]) / 1000.0)
+            answer = json.dumps({"target": target, "body_length": len(body)}).encode()
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+            )
 
     def _read_head(self, reader: "_Reader") -> dict:
         head = reader.until(b"\r\n\r\n")

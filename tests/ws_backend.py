@@ -33,12 +33,11 @@ import hashlib
 import os
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-LOOPBACK = "127.0.0.1"
+from loopback_server import LoopbackServer
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONTINUATION = 0x0
@@ -163,7 +162,7 @@ class _Reader:
             return False
 
 
-class WebSocketEchoServer:
+class WebSocketEchoServer(LoopbackServer):
     """
     The server described in the module docstring.  C{handshakes} holds one
     dict per request head received: C{target}, C{headers} (list of
@@ -173,33 +172,9 @@ class WebSocketEchoServer:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.handshakes: list[dict] = []
         self.closes: list[dict] = []
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((LOOPBACK, 0))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self.lock:
-            for s in self._sockets:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+        super().__init__()
 
     def wait_closes(self, count: int, timeout: float = 5.0) -> list[dict]:
         """The connection ends recorded, once there are C{count} (or the timeout passed)."""
@@ -211,28 +186,10 @@ class WebSocketEchoServer:
                 return seen
             time.sleep(0.02)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self._sockets.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
+    def handle(self, sock: socket.socket) -> None:
         reader = _Reader(sock)
-        try:
-            if self._handshake(sock, reader):
-                self._echo(sock, reader)
-        except (EOFError, OSError, ValueError):
-            pass
-        finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        if self._handshake(sock, reader):
+            self._echo(sock, reader)
 
     def _handshake(self, sock: socket.socket, reader: _Reader) -> bool:
         lines = reader.until(b"\r\n\r\n").decode("latin-1").split("\r\n")

@@ -262,8 +262,7 @@ class LogWriter:
                         self._file.write(data)
             except (OSError, ValueError) as e:
                 self.lost += len(batch)
-                if self._file is not None:
-                    self._closeQuietly()
+                self._close()
                 if not failing:
                     failing = True
                     self._reactor.callFromThread(self._writeFailed, str(e))
@@ -275,15 +274,13 @@ class LogWriter:
             with self._queuedLock:
                 self._queuedLines -= len(batch)
 
-    def _closeQuietly(self) -> None:
+    def _close(self) -> None:
+        if self._file is None:
+            return
         try:
             self._file.close()
         except OSError:
             pass  # what it still held failed before, and is counted
-
-    def _close(self) -> None:
-        if self._file is not None:
-            self._closeQuietly()
 
     def _writeFailed(self, error: str) -> None:
         log.error(

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from loopback_server import LoopbackServer
 from conftest import (
     LOOPBACK,
     LogWatch,
@@ -94,61 +95,6 @@ def reset(sock: socket.socket) -> None:
     """Close with a RST (SO_LINGER 0)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-class LoopbackServer:
-    """A TCP server on 127.0.0.1 (on C{port}, or a free one), a thread per connection running C{handle(sock)}."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.lock = threading.Lock()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((LOOPBACK, port))
-        self.listener.listen(64)
-        self.port = self.listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def handle(self, sock: socket.socket) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self.lock:
-            for s in self._sockets:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self._sockets.append(sock)
-            threading.Thread(target=self._run, args=(sock,), daemon=True).start()
-
-    def _run(self, sock: socket.socket) -> None:
-        try:
-            self.handle(sock)
-        except (OSError, ValueError):
-            pass
-        finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
 
 
 class CountingBackend(LoopbackServer):
