@@ -360,9 +360,13 @@ class DaemonSettings:
     @ivar shutdown_timeout: Seconds that requests and tunnels in flight get
         to finish after SIGTERM (a second SIGTERM or SIGINT cuts them at
         once).
+    @ivar workers: Processes that serve the proxy listeners (C{"auto"} in
+        the file: one per CPU); past one, a supervisor binds the listeners
+        and runs them (L{mydataproxy.workers}).
     """
 
     shutdown_timeout: float = 30.0
+    workers: int = 1
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, replace
@@ -727,6 +728,13 @@ def _daemon(check: _Checker, table: Mapping[str, Any]) -> DaemonSettings:
         dotted = f"daemon.{key}"
         if key == "shutdown_timeout":
             values[key] = check.number(dotted, value, 0, integer=False)
+        elif key == "workers":
+            if value == "auto":
+                values[key] = os.cpu_count() or 1
+            elif isinstance(value, str):
+                raise check.error(dotted, f'must be a whole number of processes or "auto", not {value!r}')
+            else:
+                values[key] = check.number(dotted, value, 1, integer=True)
         else:
             raise check.error(dotted, "unknown key")
     return DaemonSettings(**values)

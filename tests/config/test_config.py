@@ -173,10 +173,19 @@ def test_tomlStdoutAccessLog(tmp_path: Path) -> None:
          "not a valid endpoint description"),
         # Log level.
         ("[logging]\nlevel = 'verbose'\n", "logging.level", 2, "must be one of"),
+        # Workers.
+        ("[daemon]\nworkers = 0\n", "daemon.workers", 2, "at least 1"),
+        ("[daemon]\nworkers = 'all'\n", "daemon.workers", 2, '"auto"'),
+        ("[daemon]\nworkers = 2.5\n", "daemon.workers", 2, "must be an integer"),
     ],
 )
 def test_tomlErrors(tmp_path: Path, text: str, key: str, line: int, fragment: str) -> None:
     loadError(write(tmp_path, text), key, line, fragment)
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ('"auto"', os.cpu_count() or 1)])
+def test_tomlWorkers(tmp_path: Path, value: str, expected: int) -> None:
+    assert config.load(write(tmp_path, f"[daemon]\nworkers = {value}\n")).daemon.workers == expected
 
 
 def test_tomlSyntaxError(tmp_path: Path) -> None:
