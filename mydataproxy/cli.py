@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from zope.interface import implementer
 
 from mydataproxy import config, material
 from mydataproxy.config.dump import settingsToToml
+from mydataproxy.ops import reloadstatus
 from mydataproxy.tls.contexts import OriginTLS, TLSCheckFailed, describeHandshakeFailure
 
 
@@ -153,16 +155,21 @@ def migrate(path: str, out: str | None, force: bool) -> int:
 
 #: twistd's pidfile when C{--pidfile} is not given: in its working directory.
 DEFAULT_PIDFILE = "twistd.pid"
+#: How long C{reload} waits for the proxy's word on the new configuration.
+RELOAD_WAIT_SECONDS = 60.0
 
 
-def reload(pidfile: str) -> int:
+def reload(pidfile: str, timeout: float = RELOAD_WAIT_SECONDS) -> int:
     """
     C{mydataproxy reload}: send SIGHUP to the proxy whose process id is in
-    C{pidfile} (it then re-reads its key and trust stores).  Refuses a
-    process that is not a MyData Proxy (a stale pidfile whose number was
-    reused): SIGHUP ends most programs.
+    C{pidfile}, and wait up to C{timeout} seconds for what the proxy says of
+    the reload in its status file (L{reloadstatus}): the new generation in
+    force, or the error that kept the old one.  Refuses a process that is
+    not a MyData Proxy (a stale pidfile whose number was reused): SIGHUP
+    ends most programs.
 
-    @return: 0 when the signal was sent, 1 otherwise; one line either way.
+    @return: 0 when the new configuration took, 1 otherwise; one line
+        either way.
     """
     try:
         text = Path(pidfile).read_text(encoding="ascii", errors="replace").strip()
@@ -190,6 +197,8 @@ def reload(pidfile: str) -> int:
         print(f"error: process {pid} ({shown}) is not MyData Proxy: stale pidfile {pidfile}, not signalled",
               file=sys.stderr)
         return 1
+    where = reloadstatus.statusPath(pidfile)
+    before = reloadstatus.readStatus(where)
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -198,9 +207,17 @@ def reload(pidfile: str) -> int:
     except PermissionError:
         print(f"error: not allowed to signal process {pid} (run this as its user, or root)", file=sys.stderr)
         return 1
-    print(f"reload: SIGHUP sent to MyData Proxy (pid {pid}); it re-reads its key and trust stores"
-          " and logs 'reload of key and trust stores done'")
-    return 0
+    deadline = time.monotonic() + timeout
+    while True:
+        status = reloadstatus.readStatus(where)
+        if status is not None and status.pid == pid and (before is None or status.attempt > before.attempt):
+            print(status.message, file=sys.stdout if status.ok else sys.stderr)
+            return 0 if status.ok else 1
+        if time.monotonic() > deadline:
+            print(f"error: SIGHUP sent to MyData Proxy (pid {pid}), but it wrote no outcome to {where} "
+                  f"within {timeout:g} s: see its error log", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
 
 
 #: How long C{status} waits for each admin endpoint.
@@ -950,11 +967,17 @@ def _run(argv: list[str] | None) -> int:
     migrateParser.add_argument("--force", action="store_true", help="replace FILE if it exists")
     reloadParser = commands.add_parser(
         "reload",
-        help="make the running proxy re-read its key and trust stores (SIGHUP)",
-        description="Send SIGHUP to the proxy whose process id is in the pidfile.",
+        help="make the running proxy load its configuration again (SIGHUP) and say whether it took",
+        description="Send SIGHUP to the proxy whose process id is in the pidfile, and wait for its outcome: "
+        "exit 0 when the new configuration is in force, 1 with the error (file:line: key: problem) when "
+        "the proxy kept the old one.",
     )
     reloadParser.add_argument(
         "--pidfile", default=DEFAULT_PIDFILE, help=f"twistd's --pidfile (default: {DEFAULT_PIDFILE})"
+    )
+    reloadParser.add_argument(
+        "--timeout", type=float, default=RELOAD_WAIT_SECONDS, metavar="SECONDS",
+        help=f"how long to wait for the outcome (default: {RELOAD_WAIT_SECONDS:g})",
     )
     statusParser = commands.add_parser(
         "status",
@@ -1014,7 +1037,7 @@ def _run(argv: list[str] | None) -> int:
     if arguments.command == "migrate":
         return migrate(arguments.file, arguments.out, arguments.force)
     if arguments.command == "reload":
-        return reload(arguments.pidfile)
+        return reload(arguments.pidfile, arguments.timeout)
     if arguments.command == "explain":
         return explain(arguments)
     if arguments.command == "tls-probe":

@@ -1,18 +1,29 @@
 """
-The daemon's service tree: listeners, the upstream pool, the authenticator
-and the access log, started and stopped together by twistd.
+The daemon's service tree: the listeners and the configuration in force
+(a L{Generation}), started by twistd, reloaded on SIGHUP, drained on
+SIGTERM.
 
-Stopping (SIGTERM) closes the listeners first; the connections still open
-are torn down by the reactor during its shutdown, and their access lines are
-written because the access log (and the authenticator's threads) stop only
-after that, in the reactor's "after shutdown" phase.
+A listener's socket outlives configurations: each listens through a
+L{CurrentFactory} that a reload points at the new generation's factory, so
+an unchanged endpoint keeps its socket (no connection is refused during a
+reload) while a changed one is bound anew before the old one closes.  A
+reload loads and validates the new configuration with start-up's own code
+(L{config.load}, L{loadMaterial}, in a thread: key stores are slow), binds
+what is new, and only then swaps, in one step on the reactor thread;
+anything that fails on the way leaves everything as it was.
+
+Stopping (SIGTERM) drains every generation still running; the logs stop
+last, in the reactor's "after shutdown" phase, so that the connections torn
+down during shutdown still get their access lines.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import socket
+from typing import Mapping
 
 import txaio
 from twisted.application.service import MultiService, Service
@@ -20,24 +31,16 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.logger import globalLogPublisher
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
-from mydataproxy.egress.auth import ProxyAuthenticator
-from mydataproxy.config import Settings
-from mydataproxy.forward.listener import ForwardProxy
-from mydataproxy.reverse.listener import ReverseProxy
-from mydataproxy.server.channel import ProxyListener
-from mydataproxy.tls.listener import TLSListener
-from mydataproxy.ops.admin import adminSite
-from mydataproxy.ops.levels import applyLevels
-from mydataproxy.ops.logs import AccessLog, ErrorLog
-from mydataproxy.ops.metrics import METRICS
-from mydataproxy.ops.syslog import SyslogObserver
-from mydataproxy.pipeline import RequestPipeline
-from mydataproxy.egress.resolver import Resolver
-from mydataproxy.upstream.client import UpstreamPool
+from mydataproxy import config
+from mydataproxy.config import ConfigError, Settings
+from mydataproxy.generation import Generation
 from mydataproxy.material import Material, loadMaterial
+from mydataproxy.ops.admin import adminSite
+from mydataproxy.ops.metrics import METRICS
+from mydataproxy.ops.reloadstatus import writeStatus
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -55,6 +58,45 @@ class ListenerError(SystemExit):
     """
 
 
+class CurrentFactory(Factory):
+    """
+    Builds each new connection's protocol with the factory in force, which
+    a reload switches; the factories' own start and stop belong to their
+    generation, not to the listening port.
+    """
+
+    noisy = False
+
+    def __init__(self, current: Factory) -> None:
+        self.current = current
+
+    def buildProtocol(self, addr):
+        return self.current.buildProtocol(addr)
+
+
+def listenNow(reactor, description: str, factory: Factory, inherited: int | None = None) -> IListeningPort:
+    """
+    Listen on C{description} (or adopt the listening socket C{inherited},
+    a file descriptor a supervisor bound: the port holds its own copy, and
+    C{inherited} is closed), at once.
+
+    @raise OSError: Naming the endpoint, if it cannot listen.
+    """
+    if inherited is not None:
+        with socket.socket(fileno=os.dup(inherited)) as probe:
+            family = probe.family
+        port = reactor.adoptStreamPort(inherited, family, factory)
+        os.close(inherited)
+        return port
+    outcome: list = []
+    endpoints.serverFromString(reactor, description).listen(factory).addBoth(outcome.append)
+    if not outcome:
+        raise OSError(f"{description} did not start listening at once")
+    if isinstance(outcome[0], Failure):
+        raise OSError(f"cannot listen on {description}: {outcome[0].getErrorMessage()}")
+    return outcome[0]
+
+
 class ListenerService(Service):
     """
     Listens on one endpoint description, and refuses to start without it.
@@ -62,28 +104,30 @@ class ListenerService(Service):
     Twisted's C{StreamServerEndpointService} only logs a failed bind and runs
     on without the port; a proxy that silently lacks its port is worse than
     one that does not start, so a failure here is raised to twistd.
+
+    @ivar factory: The L{CurrentFactory} the port listens through.
     """
 
-    def __init__(self, name: str, description: str, factory: Factory, reactor) -> None:
+    def __init__(self, name: str, description: str, factory: Factory, reactor, inherited: int | None = None) -> None:
         self.setName(name)
         self.description = description
-        self.factory = factory
+        self.factory = CurrentFactory(factory)
         self.reactor = reactor
+        self.inherited = inherited
         self.port: IListeningPort | None = None
+
+    def listen(self) -> None:
+        """Listen now (a reload binds before it swaps). @raise OSError: If it cannot."""
+        self.port = listenNow(self.reactor, self.description, self.factory, self.inherited)
+        log.info("{name} listening on {address}", name=self.name, address=self.port.getHost())
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
-        outcome: list = []
-        endpoint.listen(self.factory).addBoth(outcome.append)
-        if not outcome:
-            raise ListenerError(f"mydataproxy: {self.name}: {self.description} did not start listening at once")
-        if isinstance(outcome[0], Failure):
-            raise ListenerError(
-                f"mydataproxy: {self.name}: cannot listen on {self.description}: {outcome[0].getErrorMessage()}"
-            )
-        self.port = outcome[0]
-        log.info("{name} listening on {address}", name=self.name, address=self.port.getHost())
+        if self.port is None:
+            try:
+                self.listen()
+            except OSError as e:
+                raise ListenerError(f"mydataproxy: {self.name}: {e}") from None
 
     def stopService(self) -> Deferred | None:
         super().stopService()
@@ -95,79 +139,65 @@ class ListenerService(Service):
 
 class ProxyService(MultiService):
     """
-    The whole daemon for one L{Settings} and the L{Material} loaded from
-    them (by L{loadMaterial}: the service loads nothing itself).
+    The whole daemon, starting on one L{Settings} and the L{Material}
+    loaded from them (by L{loadMaterial}: the service loads nothing itself
+    at start).
+
+    @param inherited: Listening sockets a supervisor bound, by listener
+        name (C{forward}, C{reverse}): adopted instead of bound.
+    @param statusPath: Where to write each load's outcome for C{mydataproxy
+        reload} (L{mydataproxy.ops.reloadstatus}), or L{None}.
+    @ivar generation: The configuration in force.
+    @ivar retiring: Older generations still finishing their connections.
     """
 
-    def __init__(self, settings: Settings, material: Material, reactor) -> None:
+    def __init__(
+        self, settings: Settings, material: Material, reactor,
+        inherited: Mapping[str, int] | None = None, statusPath: str | None = None,
+    ) -> None:
         super().__init__()
-        self.settings = settings
         self.reactor = reactor
-        # Material: loaded by mydataproxy.material, held here for SIGHUP.
-        self.material = material
-        self.originTLS = material.originTLS
-        self.serverTLS = material.serverTLS
-        host = socket.gethostname()
-        self.accessLog = AccessLog(settings.logging.accessPath(host), reactor, settings.logging)
-        errorPath = settings.logging.errorPath(host)
-        self.errorLog = ErrorLog(errorPath, reactor, settings.logging) if errorPath else None
-        logging = settings.logging
-        self.syslog = SyslogObserver(logging.syslog, logging.syslog_facility) if logging.syslog else None
-        self.pool = UpstreamPool(reactor, settings.upstream, self.originTLS, METRICS.upstream(settings))
-        METRICS.watchPool(self.pool)
-        METRICS.watchLog("access", self.accessLog)
-        if self.errorLog is not None:
-            METRICS.watchLog("error", self.errorLog.writer)
-        self.listeners: list[ListenerService] = []
-        self.proxies: list[ProxyListener] = []
+        self.inherited = dict(inherited or {})
+        self.statusPath = statusPath
+        self.generation = Generation(1, settings, material, reactor)
+        self.retiring: list[Generation] = []
+        self.listeners: dict[str, ListenerService] = {}
+        self.admin = adminSite(self.notReady, METRICS.registry)
+        for name, description in self.generation.listens().items():
+            listener = ListenerService(
+                name, description, self._factoryFor(self.generation, name), reactor, self.inherited.get(name)
+            )
+            listener.setServiceParent(self)
+            self.listeners[name] = listener
         self.draining = False
+        self._attempts = 1
         self._cutAt: float | None = None
-        forwardSettings = settings.forward
-        self.authenticator = (
-            ProxyAuthenticator(material.htpasswd, forwardSettings.auth_realm, reactor)
-            if material.htpasswd is not None
-            else None
-        )
-        # One admission pipeline, shared by every listener.
-        self.pipeline = RequestPipeline(settings, Resolver(reactor, settings.resolver), self.authenticator, reactor)
-        self.tlsListener: TLSListener | None = None
-        if forwardSettings.enabled:
-            forwardProxy = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
-            self.proxies.append(forwardProxy)
-            forward: Factory = forwardProxy
-            METRICS.watchListener("forward", forward)
-            if self.serverTLS is not None:
-                forward = self.tlsListener = TLSListener(self.serverTLS, forward, reactor)
-            self._listen("forward", forwardSettings.listen, forward)
-        self.reverseTLS = material.reverseTLS
-        if settings.reverse is not None:
-            reverseProxy = ReverseProxy(settings, self.pipeline, self.pool, self.accessLog, reactor)
-            self.proxies.append(reverseProxy)
-            METRICS.watchListener("reverse", reverseProxy)
-            for name, room in reverseProxy.rooms.items():
-                METRICS.watchQueue(f"route {name}", lambda room=room: room.waiting)
-            reverse: Factory = reverseProxy
-            if self.reverseTLS is not None:
-                reverse = TLSListener(self.reverseTLS, reverse, reactor)
-            self._listen("reverse", settings.reverse.listen, reverse)
-        if settings.admin is not None:
-            self._listen("admin", settings.admin.listen, adminSite(self.notReady, METRICS.registry))
-        self._reportCertificates()
         self._reloads = DeferredLock()
+        self._reportCertificates()
 
-    def _listen(self, name: str, description: str, factory: Factory) -> None:
-        listener = ListenerService(name, description, factory, self.reactor)
-        listener.setServiceParent(self)
-        self.listeners.append(listener)
+    @property
+    def settings(self) -> Settings:
+        """The settings in force."""
+        return self.generation.settings
+
+    def _factoryFor(self, generation: Generation, name: str) -> Factory:
+        return self.admin if name == "admin" else generation.factories[name]
+
+    def _generations(self) -> list[Generation]:
+        return [self.generation, *self.retiring]
 
     def notReady(self) -> list[str]:
         """
         Why the proxy should get no traffic now (for C{/readyz}): a listener
         not listening, expired key material, draining; empty when ready.
         """
-        reasons = [f"{each.name} is not listening on {each.description}" for each in self.listeners if each.port is None]
+        reasons = [
+            f"{each.name} is not listening on {each.description}" for each in self.listeners.values()
+            if each.port is None
+        ]
         now = datetime.datetime.now(datetime.timezone.utc)
-        for holder in (self.serverTLS, self.reverseTLS, self.originTLS):
+        material = self.generation.material
+        for holder in (material.serverTLS, material.reverseTLS, material.originTLS):
             if holder is None:
                 continue
             for certificate, what in holder.loaded.own:
@@ -178,42 +208,126 @@ class ProxyService(MultiService):
         return reasons
 
     def _reportCertificates(self) -> None:
-        for label, holder in (("forward.tls", self.serverTLS), ("reverse.tls", self.reverseTLS),
-                              ("upstream.tls", self.originTLS)):
-            if holder is not None:
-                loaded = holder.loaded
-                METRICS.setCertificates(label, [c for c, _ in (*loaded.own, *loaded.pinned)])
+        material = self.generation.material
+        for label, holder in (("forward.tls", material.serverTLS), ("reverse.tls", material.reverseTLS),
+                              ("upstream.tls", material.originTLS)):
+            METRICS.setCertificates(label, [c for c, _ in (*holder.loaded.own, *holder.loaded.pinned)]
+                                    if holder is not None else [])
 
-    def reloadTLS(self) -> Deferred:
+    def _writeStatus(self, ok: bool, message: str) -> None:
+        if self.statusPath is None:
+            return
+        try:
+            writeStatus(self.statusPath, generation=self.generation.number, attempt=self._attempts, ok=ok,
+                        message=message)
+        except OSError as e:
+            log.warn("cannot write the reload status {path}: {e}", path=self.statusPath, e=e.strerror)
+
+    # Reload (SIGHUP)
+
+    def reload(self) -> Deferred:
         """
-        Re-read every key and trust store (SIGHUP), in a thread; the new
-        material is swapped in on the reactor thread, and a store that fails
-        keeps the old.  Reloads run one after the other.
+        Load the configuration file again and put it in force (SIGHUP);
+        reloads run one after the other.
 
-        @return: fires when this reload is done.
+        @return: Fires with whether the new configuration took.
         """
-        log.info("SIGHUP: reloading key and trust stores")
-        return self._reloads.run(self._reloadAll).addBoth(self._reloaded)
+        return self._reloads.run(self._reload)
 
-    def _reloaded(self, result: object) -> object:
-        # Operators and tests learn here that new handshakes use what was read.
+    def _reload(self) -> Deferred:
+        self._attempts += 1
+        source = self.settings.source
+        log.info("SIGHUP: reloading the configuration from {source}", source=source)
+        loading = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _load, source)
+        return loading.addCallbacks(self._swap, self._failed)
+
+    def _failed(self, failure: Failure) -> bool:
+        if failure.check(ConfigError, OSError):
+            error = str(failure.value)
+        else:
+            log.failure("reload failed", failure)
+            error = f"{type(failure.value).__name__}: {failure.value}"
+        message = f"reload failed, still on generation {self.generation.number}: {error}"
+        log.error("{message}", message=message)
+        self._writeStatus(False, message)
+        return False
+
+    def _swap(self, loaded: tuple[Settings, Material]) -> bool:
+        if self.draining:
+            return self._failed(Failure(ConfigError(self.settings.source, None, "shutting down")))
+        settings, material = loaded
+        old = self.generation
+        new = Generation(old.number + 1, settings, material, self.reactor, old)
+        wanted = new.listens()
+        bound: dict[str, ListenerService] = {}
+        try:
+            for name, description in wanted.items():
+                current = self.listeners.get(name)
+                if current is not None and current.description == description:
+                    continue
+                if name in self.inherited:
+                    raise ConfigError(settings.source, f"{name}.listen",
+                                      "a worker cannot change the listener its supervisor bound")
+                listener = ListenerService(name, description, self._factoryFor(new, name), self.reactor)
+                try:
+                    listener.listen()
+                except OSError as e:
+                    raise ConfigError(settings.source, f"{name}.listen", str(e)) from None
+                bound[name] = listener
+            new.startLogs()
+        except (ConfigError, OSError) as e:
+            for listener in bound.values():
+                listener.stopService()
+            return self._failed(Failure(e))
+        new.start(old)
+        for name, listener in list(self.listeners.items()):
+            if name in bound or name not in wanted:
+                listener.disownServiceParent()
+                del self.listeners[name]
+            else:
+                listener.factory.current = self._factoryFor(new, name)
+        for name, listener in bound.items():
+            listener.setServiceParent(self)
+            self.listeners[name] = listener
+        self.generation = new
+        self.retiring.append(old)
+        old.retire(self.retiring.remove)
         self._reportCertificates()
-        log.info("SIGHUP: reload of key and trust stores done")
-        return result
+        _startNotices(settings)
+        message = f"reload: generation {new.number} in force from {settings.source}"
+        log.info("{message}", message=message)
+        self._writeStatus(True, message)
+        return True
 
-    def _reloadAll(self) -> Deferred:
-        holders = [holder for holder in (self.serverTLS, self.reverseTLS, self.originTLS) if holder is not None]
-        return gatherResults([holder.reload(self.reactor) for holder in holders])
+    # Start and stop
+
+    def privilegedStartService(self) -> None:
+        generation = self.generation
+        try:
+            generation.startLogs()
+        except OSError as e:
+            raise ListenerError(f"mydataproxy: cannot open the log {e.filename or ''}: {e.strerror or e}") from None
+        generation.start(None)
+        self.admin.doStart()
+        _startNotices(self.settings)
+        material = generation.material
+        for holder in (material.serverTLS, material.reverseTLS, material.originTLS):
+            if holder is not None:
+                holder.report()
+        super().privilegedStartService()
+        self._writeStatus(True, f"generation 1 in force from {self.settings.source}")
 
     def startService(self) -> None:
         super().startService()
-        if self.authenticator is not None:
-            self.authenticator.start()
         # After the reactor's "during" phase, which tears down the
         # connections still open (their access lines come then).
         self.reactor.addSystemEventTrigger("after", "shutdown", self._stopLast)
         # twistd leaves SIGHUP at its default, which kills the process.
-        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reloadTLS))
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+        # twistd's own SIGTERM handler has the process end by the signal
+        # once stopped; a drained stop is a clean exit (0).  The reactor
+        # installs its handlers as it starts running: ours replace them then.
+        self.reactor.callWhenRunning(self._handleStopSignals)
         # SIGUSR1: reopen our logs (after logrotate's rename); twistd's own
         # handler, if it set one for --logfile, still runs.
         previous = signal.getsignal(signal.SIGUSR1)
@@ -225,37 +339,19 @@ class ProxyService(MultiService):
 
         signal.signal(signal.SIGUSR1, reopen)
 
+    def _handleStopSignals(self) -> None:
+        if self.draining:
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda signum, frame: self.reactor.callFromThread(self.reactor.stop))
+
     def reopenLogs(self) -> None:
         """Open the log files afresh (SIGUSR1)."""
         log.info("SIGUSR1: reopening the log files")
-        for each in (self.accessLog, self.errorLog):
-            if each is not None:
-                each.reopen()
-
-    def privilegedStartService(self) -> None:
-        applyLevels(self.settings.logging)
-        for each in (self.errorLog, self.accessLog):
-            if each is None:
-                continue
-            try:
-                each.start()
-            except OSError as e:
-                raise ListenerError(f"mydataproxy: cannot open the log {each.path}: {e}") from None
-        for observer in (self.errorLog, self.syslog):
-            if observer is not None:
-                globalLogPublisher.addObserver(observer)
-        log.info("configuration from {source}", source=self.settings.source)
-        for notice in self.settings.notices:
-            log.warn("{notice}", notice=notice)
-        if self.settings.forward.enabled and not self.settings.forward.client_allow:
-            log.info("forward.client_allow is empty: every client that reaches the listener may use it")
-        if not self.settings.egress.guard:
-            log.warn("egress.guard is off: private, loopback and cloud metadata addresses are reachable")
-        for holder in (self.serverTLS, self.reverseTLS):
-            if holder is not None:
-                holder.report()
-        self.originTLS.report()
-        super().privilegedStartService()
+        for generation in self._generations():
+            for each in (generation.accessLog, generation.errorLog):
+                if each is not None:
+                    each.reopen()
 
     def stopService(self) -> Deferred:
         """
@@ -265,23 +361,24 @@ class ProxyService(MultiService):
         more), then cut what is left and stop the admin listener last.
         """
         self.draining = True
+        generations = self._generations()
+        timeout = self.settings.daemon.shutdown_timeout
         log.info(
             "draining: {n} client connections open, up to {s:g} s (daemon.shutdown_timeout)",
-            n=sum(len(p.channels) for p in self.proxies), s=self.settings.daemon.shutdown_timeout,
+            n=sum(len(p.channels) for g in generations for p in g.proxies.values()), s=timeout,
         )
-        stopped = [each.stopService() for each in self.listeners if each.name != "admin"]
-        for proxy in self.proxies:
-            proxy.drain()
-        self.pool.closeIdle()
+        stopped = [each.stopService() for name, each in self.listeners.items() if name != "admin"]
+        for generation in generations:
+            generation.drain()
         drained = Deferred()
-        deadline = self.reactor.callLater(self.settings.daemon.shutdown_timeout, self._cutOff, drained)
+        deadline = self.reactor.callLater(timeout, self._cutOff, drained)
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, lambda signum, frame: self.reactor.callFromThread(self._cutOff, drained))
 
         def check() -> None:
             if drained.called:
                 return
-            busy = any(p.channels for p in self.proxies)
+            busy = any(g.busy for g in generations)
             # After a cut-off, the aborted connections' ends (and access
             # lines) come at the next turns of the reactor.
             if busy and (self._cutAt is None or self.reactor.seconds() - self._cutAt < CUT_SECONDS):
@@ -295,41 +392,63 @@ class ProxyService(MultiService):
 
         check()
         drained.addCallback(lambda _: gatherResults([d for d in stopped if d is not None]))
+        drained.addCallback(lambda _: self._stopGenerations(generations))
         drained.addCallback(lambda _: super(ProxyService, self).stopService())
         return drained
+
+    def _stopGenerations(self, generations: list[Generation]) -> None:
+        for generation in generations:
+            generation.stop(logs=False)
 
     def _cutOff(self, drained: Deferred) -> None:
         if drained.called or self._cutAt is not None:
             return
         self._cutAt = self.reactor.seconds()
+        generations = self._generations()
         log.warn(
-            "shutdown: cutting off {n} client connections still open", n=sum(len(p.channels) for p in self.proxies)
+            "shutdown: cutting off {n} client connections still open",
+            n=sum(len(p.channels) for g in generations for p in g.proxies.values()),
         )
-        for proxy in self.proxies:
-            proxy.cutOff()
+        for generation in generations:
+            generation.cutOff()
 
     def _stopLast(self) -> None:
-        if self.authenticator is not None:
-            self.authenticator.stop()
-        self.accessLog.stop()
-        if self.errorLog is not None:
-            globalLogPublisher.removeObserver(self.errorLog)
-            self.errorLog.stop()
-        if self.syslog is not None:
-            globalLogPublisher.removeObserver(self.syslog)
-            self.syslog.close()
+        self.admin.doStop()
+        for generation in self._generations():
+            generation.stopLogs()
 
 
-def makeService(settings: Settings, material: Material | None = None, reactor=None) -> ProxyService:
+def _load(source: str) -> tuple[Settings, Material]:
+    """Start-up's loading, for a reload (in a thread)."""
+    settings = config.load(source) if os.path.exists(source) else Settings()
+    return settings, loadMaterial(settings)
+
+
+def _startNotices(settings: Settings) -> None:
+    log.info("configuration from {source}", source=settings.source)
+    for notice in settings.notices:
+        log.warn("{notice}", notice=notice)
+    if settings.forward.enabled and not settings.forward.client_allow:
+        log.info("forward.client_allow is empty: every client that reaches the listener may use it")
+    if not settings.egress.guard:
+        log.warn("egress.guard is off: private, loopback and cloud metadata addresses are reachable")
+
+
+def makeService(
+    settings: Settings, material: Material | None = None, reactor=None,
+    inherited: Mapping[str, int] | None = None, statusPath: str | None = None,
+) -> ProxyService:
     """
     Build the daemon's service tree (nothing listens until it starts).
 
     @param material: What L{loadMaterial} loaded from C{settings}; loaded
         here when not given.
+    @param inherited: Listening sockets to adopt, by listener name.
+    @param statusPath: Where each load's outcome is written, or L{None}.
     @raise ConfigError: If C{material} is not given and cannot be loaded.
     """
     if reactor is None:
         from twisted.internet import reactor
     if material is None:
         material = loadMaterial(settings)
-    return ProxyService(settings, material, reactor)
+    return ProxyService(settings, material, reactor, inherited, statusPath)

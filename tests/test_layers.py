@@ -25,7 +25,9 @@ LAYERS = (
     ("mydataproxy.pipeline",),
     ("mydataproxy.server",),
     ("mydataproxy.forward", "mydataproxy.reverse"),
+    ("mydataproxy.generation",),
     ("mydataproxy.service", "mydataproxy.cli"),
+    ("mydataproxy.workers",),
 )
 
 ROOT = Path(mydataproxy.__file__).resolve().parent

@@ -15,6 +15,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         from mydataproxy import config, material
+        from mydataproxy.ops import reloadstatus
 
         try:
             settings = config.load(self["config"]) if self["config"] else config.Settings()
@@ -32,6 +33,9 @@ class Options(usage.Options):
             except OSError as e:
                 raise SystemExit(f"mydataproxy: logging.directory: cannot create {directory}: {e.strerror}") from None
         self["settings"] = settings
+        # twistd's own --pidfile: the reload status is written beside it.
+        pidfile = self.parent["pidfile"] if self.parent is not None else ""
+        self["status"] = reloadstatus.statusPath(os.path.abspath(pidfile)) if pidfile else None
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -41,9 +45,14 @@ class MyDataProxyServiceMaker:
     options = Options
 
     def makeService(self, options: Options):
+        settings = options["settings"]
+        if settings.daemon.workers > 1:
+            from mydataproxy.workers import makeSupervisor
+
+            return makeSupervisor(settings, options["config"], options["status"])
         from mydataproxy.service import makeService
 
-        return makeService(options["settings"], options["material"])
+        return makeService(options["settings"], options["material"], statusPath=options["status"])
 
 
 serviceMaker = MyDataProxyServiceMaker()
