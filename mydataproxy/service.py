@@ -294,6 +294,7 @@ class ProxyService(MultiService):
         old.retire(self.retiring.remove)
         self._reportCertificates()
         _startNotices(settings)
+        _reportMaterial(material)
         message = f"reload: generation {new.number} in force from {settings.source}"
         log.info("{message}", message=message)
         self._writeStatus(True, message)
@@ -310,10 +311,7 @@ class ProxyService(MultiService):
         generation.start(None)
         self.admin.doStart()
         _startNotices(self.settings)
-        material = generation.material
-        for holder in (material.serverTLS, material.reverseTLS, material.originTLS):
-            if holder is not None:
-                holder.report()
+        _reportMaterial(generation.material)
         super().privilegedStartService()
         self._writeStatus(True, f"generation 1 in force from {self.settings.source}")
 
@@ -432,6 +430,12 @@ def _startNotices(settings: Settings) -> None:
         log.info("forward.client_allow is empty: every client that reaches the listener may use it")
     if not settings.egress.guard:
         log.warn("egress.guard is off: private, loopback and cloud metadata addresses are reachable")
+
+
+def _reportMaterial(material: Material) -> None:
+    for holder in (material.serverTLS, material.reverseTLS, material.originTLS):
+        if holder is not None:
+            holder.report()
 
 
 def makeService(

@@ -330,16 +330,13 @@ def mydataproxy(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "mydataproxy"), *argv], capture_output=True, text=True, timeout=30)
 
 
-DONE = "SIGHUP: reload of key and trust stores done"
-
-
 def test_reloadRunningProxy(pidfile_proxy: PidfileProxy) -> None:
+    """Each reload waits for the proxy's word: the generation now in force."""
     assert pidfile_proxy.pidfile.read_text().strip() == str(pidfile_proxy.proc.pid)
-    for count in (1, 2):
+    for generation in (2, 3):
         result = mydataproxy("reload", "--pidfile", str(pidfile_proxy.pidfile))
         assert result.returncode == 0, result.stderr
-        assert result.stdout.count("\n") == 1 and f"pid {pidfile_proxy.proc.pid}" in result.stdout
-        assert pidfile_proxy.waitOutput(DONE, count), pidfile_proxy.output()
+        assert result.stdout == f"reload: generation {generation} in force from {pidfile_proxy.config}\n"
     # Still serving after both.
     assert wait_for_port(pidfile_proxy.port, 2.0, pidfile_proxy.proc)
     pidfile_proxy.stop()
@@ -349,12 +346,46 @@ def test_reloadRunningProxy(pidfile_proxy: PidfileProxy) -> None:
     assert result.stderr.startswith(f"error: no pidfile {pidfile_proxy.pidfile}") and result.stderr.count("\n") == 1
 
 
+def test_reloadReportsABadConfig(pidfile_proxy: PidfileProxy) -> None:
+    """A config the proxy refuses: exit 1 with its file:line: key: problem; the old one serves on."""
+    good = pidfile_proxy.config.read_text()
+    pidfile_proxy.config.write_text(good + "\n[limits]\nmax_header_bytes = -1\n")
+    line = pidfile_proxy.config.read_text().splitlines().index("max_header_bytes = -1") + 1
+    result = mydataproxy("reload", "--pidfile", str(pidfile_proxy.pidfile))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"reload failed, still on generation 1: {pidfile_proxy.config}:{line}: limits.max_header_bytes: "
+        "must be at least 1024, not -1\n"
+    )
+    assert wait_for_port(pidfile_proxy.port, 2.0, pidfile_proxy.proc)
+    pidfile_proxy.config.write_text(good)
+    result = mydataproxy("reload", "--pidfile", str(pidfile_proxy.pidfile))
+    assert (result.returncode, result.stdout) == (0, f"reload: generation 2 in force from {pidfile_proxy.config}\n")
+
+
+def test_reloadWithoutAnAnswer(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A process that takes the signal but never writes its outcome: an error after --timeout."""
+    stand_in = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, "
+                                 "signal.SIG_IGN); time.sleep(30)", "mydataproxy"])
+    try:
+        pidfile = tmp_path / "twistd.pid"
+        pidfile.write_text(f"{stand_in.pid}\n")
+        time.sleep(0.3)
+        assert cli.main(["reload", "--pidfile", str(pidfile), "--timeout", "0.5"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: SIGHUP sent to MyData Proxy (pid {stand_in.pid}), but it wrote no outcome")
+        assert stand_in.poll() is None
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
 def test_reloadDefaultPidfile(pidfile_proxy: PidfileProxy) -> None:
     """Without --pidfile: twistd's default, twistd.pid in the working directory."""
     result = subprocess.run([str(BIN / "mydataproxy"), "reload"], cwd=pidfile_proxy.pidfile.parent,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert pidfile_proxy.waitOutput(DONE), pidfile_proxy.output()
+    assert result.stdout.startswith("reload: generation 2 in force"), result.stdout
 
 
 def test_reloadStalePidfile(tmp_path: Path) -> None:
@@ -401,7 +432,7 @@ def test_reloadNotPermitted(pidfile_proxy: PidfileProxy, monkeypatch, capsys) ->
     assert cli.main(["reload", "--pidfile", str(pidfile_proxy.pidfile)]) == 1
     err = capsys.readouterr().err
     assert err == f"error: not allowed to signal process {pidfile_proxy.proc.pid} (run this as its user, or root)\n"
-    assert not pidfile_proxy.waitOutput(DONE, timeout=0.5)
+    assert not pidfile_proxy.waitOutput("SIGHUP", timeout=0.5)
 
 
 # --- status ----------------------------------------------------------------------
