@@ -886,9 +886,11 @@ def test_systemdUnit(tmp_path: Path) -> None:
                        ("PrivateTmp", "yes"), ("CapabilityBoundingSet", ""), ("AmbientCapabilities", "")]:
         assert service[key] == value, key
     assert service["ReadWritePaths"].lstrip("-").split() == ["/mnt/proxy/log"]
-    assert service["ExecReload"].split() == ["/bin/kill", "-HUP", "$MAINPID"]
+    pidfile = f"/run/{service['RuntimeDirectory']}/twistd.pid"
+    reload = service["ExecReload"].split()
+    assert Path(reload[0]).name == "mydataproxy" and reload[1:] == ["reload", "--pidfile", pidfile]
     start = service["ExecStart"].split()
-    assert Path(start[0]).name == "twistd" and start[1:4] == ["-n", "--pidfile=", "mydataproxy"]
+    assert Path(start[0]).name == "twistd" and start[1:4] == ["-n", f"--pidfile={pidfile}", "mydataproxy"]
     assert start[4] == "--config" and len(start) == 6
     assert dict(sections["Install"])["WantedBy"] == "multi-user.target"
     # An empty CapabilityBoundingSet= is the last word on capabilities.
@@ -897,9 +899,9 @@ def test_systemdUnit(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return  # Machines without systemd (CI containers): the keys above are the test.
-    # verify wants ExecStart's program to exist: point it at this checkout's.
+    # verify wants the programs to exist: point them at this checkout's.
     unit = tmp_path / "mydataproxy.service"
-    unit.write_text(text.replace(start[0], str(TWISTD)))
+    unit.write_text(text.replace(start[0], str(TWISTD)).replace(reload[0], str(BIN / "mydataproxy")))
     result = subprocess.run([analyze, "verify", str(unit)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
