@@ -423,6 +423,7 @@ class SocketInfo:
     state: str
     local: tuple[str, int]
     remote: tuple[str, int]
+    inode: str = ""
 
 
 def process_tcp_sockets(pid: int) -> list[SocketInfo]:
@@ -453,6 +454,7 @@ def process_tcp_sockets(pid: int) -> list[SocketInfo]:
                     TCP_STATES.get(fields[3], fields[3]),
                     _decode_proc_address(fields[1]),
                     _decode_proc_address(fields[2]),
+                    fields[9],
                 )
             )
     return found
@@ -485,20 +487,25 @@ def parse_access_line(line: str) -> dict:
     return fields
 
 
+#: The daemon's reload outcome lines (SIGHUP), with the generation number.
+RELOAD_OK = re.compile(r"reload: generation (\d+) in force from (.+)$")
+RELOAD_FAILED = re.compile(r"reload failed, still on generation (\d+): (.+)$")
+
+
 class ProxyProcess:
     """One running C{twistd -n mydataproxy}."""
 
-    def __init__(self, workdir: Path, config: dict, env_extra: dict | None = None):
+    def __init__(self, workdir: Path, config: dict, env_extra: dict | None = None, pidfile: bool = False):
+        """
+        @param pidfile: Start twistd with C{--pidfile=<workdir>/twistd.pid}
+            (C{.pidfile}) instead of none, as C{mydataproxy reload} needs.
+        """
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config = config
         self.config_path = workdir / "mydataproxy.toml"
         self.config_path.write_text(to_toml(config))
-        self.access_log = Path(config["logging"]["access_log"])
-        forward = config.get("forward", {})
-        self.port = int(forward["listen"].split(":")[1]) if forward.get("enabled", True) else None
-        reverse = config.get("reverse")
-        self.reverse_port = int(reverse.get("listen", "tcp:8080").split(":")[1]) if reverse else None
+        self._adopt(config)
+        self.pidfile = workdir / "twistd.pid" if pidfile else None
         self.output_path = workdir / "twistd.out"
         env = dict(os.environ)
         for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
@@ -506,7 +513,7 @@ class ProxyProcess:
             env.pop(name, None)
         env.update(env_extra or {})
         self._output = open(self.output_path, "wb")
-        argv = [str(TWISTD), "-n", "--pidfile=", "mydataproxy", "--config", str(self.config_path)]
+        argv = [str(TWISTD), "-n", f"--pidfile={self.pidfile or ''}", "mydataproxy", "--config", str(self.config_path)]
         self.proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=self._output,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
@@ -517,6 +524,55 @@ class ProxyProcess:
                     f"proxy did not accept connections on {port} within 10 s "
                     f"(exit code {self.proc.returncode}); output:\n{self.output()}"
                 )
+
+    def _adopt(self, config: dict) -> None:
+        """Take C{config}'s ports and access log as this proxy's (at start, after a good reload)."""
+        self.config = config
+        self.access_log = Path(config["logging"]["access_log"])
+        forward = config.get("forward", {})
+        self.port = int(forward["listen"].split(":")[1]) if forward.get("enabled", True) else None
+        reverse = config.get("reverse")
+        self.reverse_port = int(reverse.get("listen", "tcp:8080").split(":")[1]) if reverse else None
+
+    def write_config(self, config: dict | str) -> None:
+        """
+        Replace the config file with C{config} (a dict written as TOML, or
+        raw text), in one rename so the daemon never reads half a file.
+        """
+        text = config if isinstance(config, str) else to_toml(config)
+        fresh = self.config_path.with_name(self.config_path.name + ".new")
+        fresh.write_text(text)
+        fresh.replace(self.config_path)
+
+    def reload(self, config: dict | str | None = None, timeout: float = 10.0) -> str:
+        """
+        Write C{config} (if given, as L{write_config}), send SIGHUP and wait
+        for the daemon's outcome line in twistd's output (so no
+        C{logging.error_log}): C{reload: generation N in force ...} or
+        C{reload failed, still on generation N: ...}; return that line.
+        On success a dict C{config} becomes C{.config} (and C{.port},
+        C{.reverse_port}, C{.access_log} follow it).  Fails the test when no
+        outcome is logged within C{timeout} seconds.
+        """
+        if config is not None:
+            self.write_config(config)
+        mark = len(self.output())
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.output()[mark:].splitlines():
+                if RELOAD_OK.search(line):
+                    if isinstance(config, dict):
+                        self._adopt(config)
+                    return line
+                if RELOAD_FAILED.search(line):
+                    return line
+            if not self.alive() or time.monotonic() > deadline:
+                pytest.fail(
+                    f"no reload outcome logged within {timeout} s (alive: {self.alive()}); "
+                    f"output since SIGHUP:\n{self.output()[mark:][-4000:]}"
+                )
+            time.sleep(0.02)
 
     @property
     def url(self) -> str:
@@ -664,10 +720,11 @@ class ProxyLauncher:
         self.connect_ports = list(connect_ports)
         self.started: list[ProxyProcess] = []
 
-    def __call__(self, **overrides) -> ProxyProcess:
+    def __call__(self, *, pidfile: bool = False, **overrides) -> ProxyProcess:
         """
         Start a proxy; keyword arguments are config sections whose keys
-        override the defaults, e.g. C{upstream={"read_timeout": 1.0}}.
+        override the defaults, e.g. C{upstream={"read_timeout": 1.0}};
+        C{pidfile=True} gives it a pidfile (see L{ProxyProcess}).
         """
         n = len(self.started)
         workdir = self.base / f"proxy{n}"
@@ -677,7 +734,7 @@ class ProxyLauncher:
             port = get_free_port()
             config = default_config(port, workdir / "access.log", self.connect_ports, self.dns, **overrides)
             try:
-                p = ProxyProcess(workdir, config, {"SSL_CERT_FILE": str(self.ca_pem)})
+                p = ProxyProcess(workdir, config, {"SSL_CERT_FILE": str(self.ca_pem)}, pidfile=pidfile)
             except RuntimeError as e:
                 last_error = e
                 if "Address already in use" in str(e) or "CannotListen" in str(e):
