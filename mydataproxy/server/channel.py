@@ -57,6 +57,8 @@ LINGER_BYTES = 1024 * 1024
 # A connection we closed that still holds unsent bytes (a client that stopped
 # reading) is cut after this long.
 CLOSE_SECONDS = 10.0
+# A drain closes a connection that never sent a request after this long.
+FIRST_REQUEST_GRACE_SECONDS = 2.0
 
 
 class ProxyListener(Factory):
@@ -232,7 +234,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
     __slots__ = (
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
-        "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate",
+        "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate", "_served",
     )
 
     def __init__(self, client: str) -> None:
@@ -255,6 +257,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self._peer = None
         self._localPort: int | None = None
         self._certificate: str | None = None
+        self._served = False
 
     @property
     def limits(self) -> LimitSettings:
@@ -303,9 +306,27 @@ class ProxyChannel(Protocol, TimeoutMixin):
             self._persistent = False
 
     def drain(self) -> None:
-        """The listener is draining: close if idle, else after the current response."""
+        """
+        The listener is draining: close if idle between requests, else after
+        the current response.  A connection that has not sent its first
+        request yet gets L{FIRST_REQUEST_GRACE_SECONDS}: the client that
+        just opened it has its request on the way, and would not retry it
+        on a fresh connection.
+        """
         self._persistent = False
-        if self._request is None and self.tunnel is None and self._state == _Reading.HEAD and not self._buffer:
+        if not self._idle():
+            return
+        if self._served:
+            self.close()
+        elif self._closeCall is None:
+            self._closeCall = self.callLater(FIRST_REQUEST_GRACE_SECONDS, self._closeIfStillIdle)
+
+    def _idle(self) -> bool:
+        return self._request is None and self.tunnel is None and self._state == _Reading.HEAD and not self._buffer
+
+    def _closeIfStillIdle(self) -> None:
+        self._closeCall = None
+        if self._idle():
             self.close()
 
     def cutOff(self) -> None:
@@ -462,7 +483,8 @@ class ProxyChannel(Protocol, TimeoutMixin):
         if head.method == b"CONNECT" and self.factory.takesConnect:
             self._startTunnel(head)
             return True
-        self._persistent = head.persistent
+        # A drain may have ruled out keep-alive before this head came.
+        self._persistent = self._persistent and head.persistent
         request = self.factory.newRequest(self, head)
         self._request = request
         if head.hasBody:
@@ -522,6 +544,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         if request is not self._request:
             return
         self._request = None
+        self._served = True
         request.recordAccess()
         if self._state == _Reading.BODY:
             self.linger()
