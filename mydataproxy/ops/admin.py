@@ -7,7 +7,8 @@ C{twisted.web} resource tree on the proxy's own reactor:
   - C{/readyz}: 200 C{ready} when the readiness callback gives no reasons,
     else 503 with the reasons, one per line (load balancer health checks);
   - C{/metrics}: the registry in the Prometheus text format (OpenMetrics
-    when the scraper asks for it);
+    when the scraper asks for it); the registry may also come later, from a
+    function that gathers it (a supervisor asking its workers);
   - anything else: 404.
 
 Every answer is plain text and never cached.  The site writes no access
@@ -20,18 +21,31 @@ reactor's thread pool, and the collectors read the reactor's own state
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 import txaio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 txaio.use_twisted()
 log = txaio.make_logger()
 
 Readiness = Callable[[], list[str]]
+
+
+class Collected(Protocol):
+    """What the exposition encoders read: a registry, or anything with its C{collect}."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
+
+#: Gathers the metrics at each scrape: fires with what to expose.
+MetricsSource = Callable[[], "Deferred[Collected]"]
 
 
 def _plain(request: Request, status: int, body: bytes, contentType: bytes = b"text/plain; charset=utf-8") -> bytes:
@@ -89,14 +103,38 @@ class _Ready(_Page):
 
 
 class _Metrics(_Page):
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, metrics: CollectorRegistry | MetricsSource) -> None:
         super().__init__()
-        self._registry = registry
+        self._gather: Callable[[], Collected | Deferred[Collected]] = (
+            (lambda: metrics) if isinstance(metrics, CollectorRegistry) else metrics
+        )
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
         accept = request.getHeader(b"accept")
         encoder, contentType = choose_encoder(accept.decode("latin-1") if accept else "")
-        return _plain(request, 200, encoder(self._registry), contentType.encode("ascii"))
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(collected: Collected) -> None:
+            if gone:
+                return
+            body = _plain(request, 200, encoder(collected), contentType.encode("ascii"))
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            log.failure("gathering the metrics failed", failure=failure)
+            if not gone:
+                request.write(_plain(request, 500, b"gathering the metrics failed\n"))
+                request.finish()
+
+        maybeDeferred(self._gather).addCallback(answer).addErrback(failed)
+        return NOT_DONE_YET
+
+    def render_HEAD(self, request: Request) -> int:
+        # twisted.web writes no body for HEAD; the headers are GET's.
+        return self.render_GET(request)
 
 
 class _Root(_Page):
@@ -116,11 +154,11 @@ class AdminSite(Site):
         """Probes are not logged."""
 
 
-def adminSite(readiness: Readiness, registry: CollectorRegistry) -> Site:
+def adminSite(readiness: Readiness, registry: CollectorRegistry | MetricsSource) -> Site:
     """
     The admin site: C{/healthz}, C{/readyz} from C{readiness} (the reasons
     the daemon is not ready; none when it is) and C{/metrics} from
-    C{registry}.
+    C{registry}, or from what a L{MetricsSource} gathers at each scrape.
     """
     root = _Root()
     root.putChild(b"healthz", _Health())

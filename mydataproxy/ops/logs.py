@@ -20,7 +20,9 @@ lines it gave up on.
 
 L{AccessLog} formats access records (C{keyvalue}, Apache's C{combined},
 or C{json}); L{ErrorLog} is a twisted.logger observer that writes the
-daemon's own events to the error log.
+daemon's own events to the error log; L{EventLog} writes them as JSON
+lines instead, for a worker's supervisor to read back (L{eventFromLine})
+and log as its own.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from typing import Callable, Protocol, Union
 import txaio
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, formatEventAsClassicLogText
+from twisted.logger import ILogObserver, eventAsJSON, eventFromJSON, formatEventAsClassicLogText
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mydataproxy.config import STDOUT, LoggingSettings
@@ -55,6 +58,14 @@ REPORT_SECONDS = 60.0
 # How often the writer checks that the path still names its file.
 MOVED_CHECK_SECONDS = 5.0
 _STOP = None
+
+
+class _Reconfigure:
+    """A queue item: the writer takes new settings here, between two batches."""
+
+    def __init__(self, settings: LoggingSettings, chained: bool) -> None:
+        self.settings = settings
+        self.chained = chained
 
 Reactor = Union[IReactorTime, IReactorFromThreads]
 
@@ -118,7 +129,7 @@ class LogWriter:
         self._reactor = reactor
         # Bounded by lines (queue_lines), counted here: the reactor adds,
         # the writer takes away.
-        self._queue: queue.Queue[list[str] | None] = queue.Queue()
+        self._queue: queue.Queue[list[str] | _Reconfigure | None] = queue.Queue()
         self._queuedLines = 0
         self._queuedLock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -184,6 +195,17 @@ class LogWriter:
         """Have the writer open the path afresh (SIGUSR1: after an outside rename)."""
         self._reopen.set()
 
+    def reconfigure(self, settings: LoggingSettings, chained: bool = False) -> None:
+        """
+        Go on with new settings (a reload that keeps the path): rotation,
+        retention, the queue's bound and, with C{chained}, the hash chain
+        (taken up where the file left it).  The lines gathered before are
+        written under the old ones.
+        """
+        self.flush()
+        self.settings = settings
+        self._queue.put_nowait(_Reconfigure(settings, chained))
+
     def _report(self) -> None:
         """Once a minute: say on standard error what was lost since the last report."""
         dropped, lost = self._reported
@@ -243,6 +265,9 @@ class LogWriter:
             if batch is _STOP:
                 self._close()
                 return
+            if isinstance(batch, _Reconfigure):
+                self._reconfigured(batch)
+                continue
             try:
                 if self._file is not None:
                     if self._reopen.is_set():
@@ -273,6 +298,15 @@ class LogWriter:
             self._done += len(batch)
             with self._queuedLock:
                 self._queuedLines -= len(batch)
+
+    def _reconfigured(self, change: _Reconfigure) -> None:
+        if self._file is not None:
+            self._file.settings = change.settings
+        if not change.chained:
+            self._chain = None
+        elif self._chain is None:
+            previous = lastValue(self._file.path) if self._file is not None else None
+            self._chain = HashChain(previous or GENESIS)
 
     def _close(self) -> None:
         if self._file is None:
@@ -415,6 +449,11 @@ class ErrorLog:
     def reopen(self) -> None:
         self.writer.reopen()
 
+    def reconfigure(self, settings: LoggingSettings) -> None:
+        """Go on with new settings on the same path (rotation, retention, time zone)."""
+        self.writer.reconfigure(settings)
+        self._timestamp = Timestamps(settings.time == "local")
+
     def stop(self, timeout: float | None = None) -> None:
         self.writer.stop(timeout)
 
@@ -424,6 +463,54 @@ class ErrorLog:
             # Twisted continues a multi-line message on indented lines; every
             # other control character is escaped, as in the access log.
             self.writer.add(_CONTROL.sub(_escape, text))
+
+
+@implementer(ILogObserver)
+class EventLog:
+    """
+    The daemon's own log events, each as one JSON line (twisted.logger's
+    C{eventAsJSON}, which escapes every control character), through a
+    writer thread: how a worker hands its events to its supervisor over a
+    pipe without its reactor ever waiting on it.
+    """
+
+    def __init__(self, path: str, reactor: Reactor, settings: LoggingSettings) -> None:
+        self.path = path
+        self.writer = LogWriter(path, "event log", reactor, settings)
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.writer.stop(timeout)
+
+    def __call__(self, event: dict) -> None:
+        failure = event.get("log_failure")
+        if failure is not None:
+            # A failure does not survive JSON (its exception is not
+            # persisted): its traceback is sent as text.
+            event = {**event, "log_failure": failure.getTraceback()}
+        self.writer.add(eventAsJSON(event) + "\n")
+
+
+class ForwardedTraceback(Exception):
+    """The traceback of a failure logged in another process (L{EventLog}), as text."""
+
+
+def eventFromLine(line: str) -> dict:
+    """
+    An event written by L{EventLog}, ready to be published again; its
+    failure, if any, is a L{ForwardedTraceback} carrying the text.
+
+    @raise ValueError: If C{line} is not one.
+    """
+    event = eventFromJSON(line)
+    if not isinstance(event, dict):
+        raise ValueError("not a log event")
+    traceback = event.get("log_failure")
+    if isinstance(traceback, str):
+        event["log_failure"] = Failure(ForwardedTraceback(traceback))
+    return event
 
 
 # Quoted: empty values and those with a space, quote or backslash.  Escaped

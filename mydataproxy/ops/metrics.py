@@ -18,6 +18,10 @@ elsewhere (open connections, tunnels, pool connections, queue depths, lines
 a log dropped, certificate expiry) are read when scraped, from what the
 daemon registered with the C{watch*} methods; scrapes run on the reactor
 thread (L{mydataproxy.ops.admin}), so reading the reactor's state is safe.
+
+With workers (L{mydataproxy.workers}) each process keeps its own metrics;
+L{parseExposition} reads a worker's exposition back and L{aggregate} sums
+the processes' families into one view, by what each family means.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from __future__ import annotations
 import platform
 import time
 from importlib.metadata import PackageNotFoundError, version
+import operator
 from typing import Callable, Iterable, Iterator, Protocol, Sized
 
 import twisted
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
 from mydataproxy.config import Settings
@@ -420,3 +426,76 @@ class UpstreamMetrics:
 
 #: The daemon's metrics.
 METRICS = ProxyMetrics()
+
+
+# Gauges that are the same fact in every process, not a part of a total:
+# combined, never summed (a certificate's expiry: the soonest one).
+_GAUGE_COMBINATIONS: dict[str, Callable[[float, float], float]] = {
+    "mydataproxy_certificate_expiry_seconds": min,
+    "process_start_time_seconds": min,
+    "process_max_fds": min,
+}
+# Families whose samples only grow while a process lives (what its last
+# exposition adds to the total once it has exited).
+_CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
+
+
+def _first(kept: float, other: float) -> float:
+    return kept
+
+
+def _combination(family: Metric, sample: str) -> Callable[[float, float], float]:
+    if sample.endswith("_created"):
+        return min
+    if family.type in _CUMULATIVE_TYPES or family.type == "gaugehistogram":
+        return operator.add
+    if family.type == "gauge":
+        return _GAUGE_COMBINATIONS.get(family.name, operator.add)
+    # info, stateset, unknown: facts, not amounts.
+    return _first
+
+
+def parseExposition(text: str) -> list[Metric]:
+    """
+    The families of an OpenMetrics text exposition (a worker's C{/metrics}
+    asked for C{application/openmetrics-text}).
+
+    @raise ValueError: If C{text} is not one.
+    """
+    return list(text_string_to_metric_families(text))
+
+
+def cumulative(families: Iterable[Metric]) -> list[Metric]:
+    """The counters, histograms and summaries of C{families}: what stays counted after a process exits."""
+    return [family for family in families if family.type in _CUMULATIVE_TYPES]
+
+
+def aggregate(expositions: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """
+    One view of several processes' metric families, sample by sample (same
+    name, same labels): counters, histograms (buckets, sums, counts),
+    summaries and additive gauges (connections, queue depths, memory)
+    summed; a C{_created} sample the earliest; the gauges of
+    L{_GAUGE_COMBINATIONS} combined as said there; info, stateset and
+    unknown families the first process's.  A family whose type differs from
+    the first one seen under its name is left out.
+    """
+    merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for families in expositions:
+        for family in families:
+            kept, values = merged.setdefault(family.name, (family, {}))
+            if family.type != kept.type:
+                continue
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key in values:
+                    values[key] = _combination(kept, sample.name)(values[key], sample.value)
+                else:
+                    values[key] = sample.value
+    result = []
+    for name, (kept, values) in merged.items():
+        family = Metric(name, kept.documentation, kept.type, kept.unit)
+        for (sample, labels), value in values.items():
+            family.add_sample(sample, dict(labels), value)
+        result.append(family)
+    return result

@@ -1,0 +1,205 @@
+"""
+C{[daemon] workers = 2}, end to end with real processes on loopback: the
+supervisor binds the forward listener once and both workers accept on that
+very socket; both serve; their access lines reach one file whole; /metrics
+sums them; a worker killed with SIGKILL is restarted while the other serves;
+SIGTERM drains every worker; SIGHUP puts a new generation in force (or, for
+a broken file, keeps the old one); a supervisor killed with SIGKILL leaves
+no worker behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import LOOPBACK, RawConnection, build_request, parse_access_line, to_toml
+from recording_origin import RecordingOrigin
+from supervised import (
+    admin_socket, alive, requests_counted, samples, socket_inodes, start_supervised, unix_get,
+)
+
+CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+@pytest.fixture
+def recording():
+    """An origin of this test's own (its requests seen from the origin's side)."""
+    server = RecordingOrigin()
+    yield server
+    server.close()
+
+
+def get(proxy, origin: RecordingOrigin, path: str) -> tuple[int, bytes]:
+    """One request through the forward proxy on a new connection: status and body."""
+    with RawConnection(proxy.port, timeout=10) as c:
+        c.send(build_request("GET", f"{origin.url}{path}", [("Host", origin.authority), ("Connection", "close")]))
+        response = c.read_response()
+    return response.status, response.body
+
+
+def listening_inode(pid: int, port: int) -> str:
+    """The inode of the socket process C{pid} listens on C{port} with."""
+    from conftest import process_tcp_sockets
+
+    found = {s.inode for s in process_tcp_sockets(pid) if s.state == "LISTEN" and s.local[1] == port}
+    assert len(found) == 1, f"pid {pid} listens on port {port} with {found}"
+    return found.pop()
+
+
+def test_two_workers_share_one_socket_and_both_serve(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    workers = supervised.workers()
+    assert len(workers) == 2
+    bound = listening_inode(supervised.pid, proxy.port)
+    for pid in workers:
+        assert bound in socket_inodes(pid), f"worker {pid} does not hold the supervisor's listening socket"
+    # Long targets: each access line is well past PIPE_BUF (4096), so a
+    # line written in pieces would show.
+    count = 240
+    targets = [f"/long/{n}?pad={'x' * (5000 + n)}" for n in range(count)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda target: get(proxy, recording, target), targets))
+    assert [status for status, _ in answers] == [200] * count
+    lines = proxy.wait_access_lines(lambda line: "/long/" in line, count=count)
+    assert len(lines) == count
+    every = proxy.access_lines()
+    assert len(every) == count, "a line is split or two are run together"
+    logged = sorted(parse_access_line(line)["target"] for line in every)
+    assert logged == sorted(f"{recording.url}{target}" for target in targets)
+    assert all(parse_access_line(line)["status"] == "200" for line in every)
+    per_worker = [requests_counted(unix_get(admin_socket(pid), "/metrics")[1]) for pid in workers]
+    assert all(n > 0 for n in per_worker), f"requests by worker: {per_worker}: one worker served nothing"
+    assert sum(per_worker) == count
+    assert requests_counted(supervised.metrics()) == count
+    states = samples(supervised.metrics())
+    assert states[("mydataproxy_workers", (("state", "ready"),))] == 2
+
+
+def test_a_killed_worker_is_restarted_while_the_other_serves(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    for n in range(10):
+        assert get(proxy, recording, f"/before/{n}")[0] == 200
+    before = requests_counted(supervised.metrics())
+    victim, survivor = supervised.workers()
+    os.kill(victim, signal.SIGKILL)
+    statuses = [get(proxy, recording, f"/meanwhile/{n}")[0] for n in range(20)]
+    assert statuses == [200] * 20, "requests failed while a worker was down"
+    pids = supervised.wait_ready(2, other_than=(victim,))
+    assert survivor in pids and victim not in pids
+    assert not alive(victim)
+    assert "exited unexpectedly (killed by signal 9 (SIGKILL)); restarting it in 0.5 s" in proxy.output()
+    text = supervised.metrics()
+    assert samples(text)[("mydataproxy_worker_restarts_total", ())] == 1
+    # The killed worker's count, as last scraped, stays in the total.
+    assert requests_counted(text) >= before + 20
+
+
+def test_sigterm_drains_every_worker_and_exits(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory, daemon={"shutdown_timeout": 10.0})
+    proxy = supervised.proxy
+    workers = supervised.workers()
+    slow = RawConnection(proxy.port, timeout=15)
+    slow.send(build_request("GET", f"{recording.url}/delay/1500/held", [("Host", recording.authority)]))
+    deadline = time.monotonic() + 5
+    while not any("held" in r["target"] for r in recording.requests):
+        assert time.monotonic() < deadline, "the slow request never reached the recording"
+        time.sleep(0.02)
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    readyz = supervised.readyz()
+    assert readyz.status_code == 503 and "draining" in readyz.text
+    assert slow.read_response().status == 200, "the request in flight did not finish"
+    assert proxy.proc.wait(10) in CLEAN_EXIT
+    assert time.monotonic() - started < 8
+    assert not any(alive(pid) for pid in workers)
+    lines = [line for line in proxy.access_lines() if "/delay/1500/held" in line]
+    assert len(lines) == 1 and "status=200" in lines[0]
+
+
+def test_sighup_puts_a_new_generation_in_force(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    assert get(proxy, recording, "/gen1")[0] == 200
+    old = supervised.workers()
+    bound = listening_inode(supervised.pid, proxy.port)
+    config = {section: dict(values) for section, values in proxy.config.items()}
+    config["egress"] = {"rules": [
+        {"name": "no origin", "action": "deny", "ports": [recording.port]},
+        *proxy.config["egress"]["rules"],
+    ]}
+    line = proxy.reload(config)
+    assert "reload: generation 2 in force" in line, line
+    assert get(proxy, recording, "/gen2")[0] == 403
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in old):
+        assert time.monotonic() < deadline, "the old generation did not exit"
+        time.sleep(0.05)
+    new = supervised.wait_ready(2, other_than=tuple(old))
+    assert listening_inode(supervised.pid, proxy.port) == bound, "an unchanged listener was bound anew"
+    for pid in new:
+        assert bound in socket_inodes(pid)
+    logged = proxy.wait_access_lines(lambda line: "/gen2" in line)
+    assert logged and logged[0].get("rule") == "egress.rules[0] no origin"
+
+
+def test_a_broken_config_keeps_the_old_generation(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    workers = supervised.workers()
+    broken = to_toml(proxy.config) + "\n[egress\n"
+    line = proxy.reload(broken)
+    assert "reload failed, still on generation 1:" in line and str(proxy.config_path) in line, line
+    assert supervised.workers() == workers
+    assert get(proxy, recording, "/still")[0] == 200
+    assert supervised.readyz().status_code == 200
+
+
+def test_workers_exit_when_the_supervisor_is_killed(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    workers = supervised.workers()
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait(5)
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers {[p for p in workers if alive(p)]} outlived their supervisor"
+        time.sleep(0.05)
+    with pytest.raises(OSError):
+        socket.create_connection((LOOPBACK, proxy.port), timeout=1).close()
+
+
+def test_metrics_and_readiness_come_from_every_worker(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    workers = supervised.workers()
+    threads = [threading.Thread(target=get, args=(supervised.proxy, recording, f"/m/{n}")) for n in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    public = samples(supervised.metrics())
+    private = [samples(unix_get(admin_socket(pid), "/metrics")[1]) for pid in workers]
+    key = ("mydataproxy_request_duration_seconds_count", (("mode", "absolute"),))
+    assert public[key] == sum(each.get(key, 0) for each in private) == 30
+    assert ("mydataproxy_build_info", ()) not in public  # info families keep their labels
+    assert len([k for k in public if k[0] == "mydataproxy_build_info"]) == 1
+    os.kill(workers[0], signal.SIGSTOP)
+    try:
+        # A stopped worker cannot answer: not ready, and said so.
+        deadline = time.monotonic() + 6
+        while supervised.readyz().status_code == 200:
+            assert time.monotonic() < deadline, "a worker that does not answer still counts as ready"
+            time.sleep(0.1)
+        assert f"pid {workers[0]}" in supervised.readyz().text
+    finally:
+        os.kill(workers[0], signal.SIGCONT)
+    supervised.wait_ready(2)
