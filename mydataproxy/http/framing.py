@@ -16,6 +16,8 @@ from mydataproxy.http.target import Refusal
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Control bytes other than HTAB: includes NUL, a bare CR and a bare LF.
 _CTL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
+# Visible ASCII (VCHAR), the only bytes a request target may hold.
+_VISIBLE = bytes(range(0x21, 0x7F))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # At most 16 hex digits: larger sizes are no real body and overflow peers.
@@ -33,7 +35,7 @@ def requestLineProblem(line: bytes) -> str | None:
     method, target, version = parts
     if not method or not _TOKEN.issuperset(method):
         return "invalid method"
-    if not target or any(c < 0x21 or c > 0x7E for c in target):
+    if not target or target.translate(None, _VISIBLE):
         return "invalid request target"
     if version not in VERSIONS:
         return "unsupported HTTP version"

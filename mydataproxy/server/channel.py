@@ -287,9 +287,8 @@ class ProxyChannel(Protocol, TimeoutMixin):
         return self._certificate
 
     def clientAddress(self) -> str:
-        """The socket peer's IP address as text."""
-        peer = self.getPeer()
-        return getattr(peer, "host", str(peer))
+        """The socket peer's IP address as text (the address it was accepted from)."""
+        return self.client
 
     def clientEndpoint(self) -> str:
         """The socket peer as C{address:port}, for the access log."""

@@ -254,10 +254,12 @@ class Client:
         settings = settings or Settings(egress=LOOPBACK_ALLOWED)
         self.pipeline = RequestPipeline(settings, Resolver(self.reactor, settings.resolver), None, self.reactor)
         self.proxy = ForwardProxy(settings, self.pipeline, self.pool, self.accessLog, self.reactor)
-        self.channel = self.proxy.buildProtocol(None)
+        peer = peer or IPv4Address("TCP", "127.0.0.1", 5555)
+        # The port hands the factory the address it accepted the connection from.
+        self.channel = self.proxy.buildProtocol(peer)
         # Keep the idle timeout on the fake clock, off the global reactor.
         self.channel.callLater = self.reactor.callLater
-        self.transport = StringTransport(peerAddress=peer or IPv4Address("TCP", "127.0.0.1", 5555))
+        self.transport = StringTransport(peerAddress=peer)
         self.channel.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
