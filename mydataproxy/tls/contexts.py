@@ -1,6 +1,6 @@
 """
-TLS material for both sides, built from key stores and held so that a reload
-swaps it for new handshakes while open connections carry on.
+TLS material for both sides, built from key stores into holders that the
+listeners and the upstream pool ask for each new connection.
 
   - L{ServerTLS}: a listener's certificate and its client-certificate policy
     (C{none}, C{want}, C{need}).
@@ -8,8 +8,11 @@ swaps it for new handshakes while open connections carry on.
     certificate (mutual TLS), pins, required subject serialNumber.
 
 Building (at start, on SIGHUP and in C{check-config}) is one code path; a
-failure raises L{TLSConfigError} naming the store and what is wrong, and a
-holder that fails to reload keeps what it had.
+failure raises L{TLSConfigError} naming the store and what is wrong.  A
+holder never changes once built: a reload builds new holders with the rest
+of the configuration, and the service puts them in force for new
+connections (L{mydataproxy.generation}) while open ones keep theirs, or
+keeps the old ones if anything fails.
 """
 
 from __future__ import annotations
@@ -32,10 +35,7 @@ from service_identity.hazmat import (
     verify_service_identity,
 )
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mydataproxy.config import OriginTLSProfile, ServerTLSSettings, StoreRef
@@ -269,9 +269,9 @@ class ServerConnection(SSL.Connection):
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """
-    A listener's TLS material; L{reload} swaps it for new handshakes.
+    A listener's TLS material: its context, for every handshake.
 
-    @ivar loaded: The certificates of the material in use.
+    @ivar loaded: The certificates the material was built from.
     """
 
     def __init__(self, settings: ServerTLSSettings, label: str = "forward.tls") -> None:
@@ -280,37 +280,11 @@ class ServerTLS:
         self._context, self.loaded = buildServerContext(settings)
 
     def report(self) -> None:
-        """Log what is loaded (at start; reloads report themselves)."""
+        """Log what is loaded, when it is put in force."""
         reportExpiry(self.label, self.loaded)
 
     def serverConnectionForTLS(self, tlsProtocol) -> ServerConnection:
         return ServerConnection(self._context, None)
-
-    def reload(self, reactor) -> Deferred:
-        """
-        Re-read the stores in a thread of C{reactor}'s pool (a JCEKS key
-        takes a quarter of a second) and swap the result in on the reactor
-        thread; on failure keep the current material.
-
-        @return: fires with whether the new material was taken.
-        """
-        return deferToThreadPool(reactor, reactor.getThreadPool(), buildServerContext, self.settings).addCallbacks(
-            self._install, _reloadFailed, errbackArgs=(self.label, "certificates")
-        )
-
-    def _install(self, built: tuple[SSL.Context, LoadedCertificates]) -> bool:
-        self._context, self.loaded = built
-        self.report()
-        return True
-
-
-def _reloadFailed(failure: Failure, label: str, what: str) -> bool:
-    if failure.check(TLSConfigError):
-        log.error("{label}: reload failed, keeping the current {what}: {e}", label=label, what=what, e=failure.value)
-    else:
-        log.failure("{label}: reload failed, keeping the current {what}", failure, label=label, what=what)
-    return False
-
 
 def clientSubject(transport) -> str:
     """The verified client certificate's subject on a TLS transport, or ''."""
@@ -451,25 +425,20 @@ class OriginTLS:
     Outbound TLS per destination: the first profile whose C{hosts} match,
     else the default.  Connection creators are built once per host.
 
-    @ivar loaded: The certificates of the material in use, every profile's.
+    @ivar loaded: The certificates the material was built from, every profile's.
     """
 
     def __init__(self, default: OriginTLSProfile, profiles: tuple[OriginTLSProfile, ...]) -> None:
-        self._settings = (default, profiles)
-        self._default, self._profiles, self.loaded = self._build()
-
-    def _build(self) -> tuple[_BuiltProfile, list[_BuiltProfile], LoadedCertificates]:
-        default, profiles = self._settings
-        builtDefault, loaded = _buildProfile(default)
-        builtProfiles = []
+        self._default, loaded = _buildProfile(default)
+        self._profiles: list[_BuiltProfile] = []
         for profile in profiles:
             built, more = _buildProfile(profile)
-            builtProfiles.append(built)
+            self._profiles.append(built)
             loaded += more
-        return builtDefault, builtProfiles, loaded
+        self.loaded = loaded
 
     def report(self) -> None:
-        """Log what is loaded (at start; reloads report themselves)."""
+        """Log what is loaded, when it is put in force."""
         for built in [self._default, *self._profiles]:
             if not built.profile.verify:
                 log.warn("{name}: verify = false: origin certificates are NOT checked", name=built.profile.name)
@@ -513,23 +482,6 @@ class OriginTLS:
         except Exception as e:  # noqa: BLE001 - any parsing trouble fails the check, never the proxy
             return f"certificate could not be checked ({type(e).__name__}: {e})"[:200]
         return None
-
-    def reload(self, reactor) -> Deferred:
-        """
-        Re-read the stores in a thread of C{reactor}'s pool and swap the
-        result in on the reactor thread; on failure keep the current material.
-
-        @return: fires with whether the new material was taken.
-        """
-        return deferToThreadPool(reactor, reactor.getThreadPool(), self._build).addCallbacks(
-            self._install, _reloadFailed, errbackArgs=("upstream.tls", "material")
-        )
-
-    def _install(self, built: tuple[_BuiltProfile, list[_BuiltProfile], LoadedCertificates]) -> bool:
-        self._default, self._profiles, self.loaded = built
-        self.report()
-        return True
-
 
 _VERIFY_ERRORS = {
     2: "untrusted issuer",

@@ -24,7 +24,7 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 
 from conftest import require_tool
 from test_tls import Issued, _name, make_ca, make_leaf, server_leaf, write_p12, write_pem_identity
-from test_tls_reload import ThreadsReactor
+from test_tls_reload import reloadable, reloadNow, write_config
 from mydataproxy.config import OriginTLSProfile, ServerTLSSettings, StoreRef
 from mydataproxy.tls import contexts as tls
 from mydataproxy.tls.keystore import loadKeyStore
@@ -235,19 +235,16 @@ def test_client_certificates_and_pinned_certificates_are_reported(tmp_path: Path
 
 def test_a_reload_reports_the_same_way(tmp_path: Path, logs) -> None:
     store, _ = bundle(tmp_path, valid=140, expired=6)
-    holder = listener(tmp_path, days=20.5, trust=store)
-    reactor = ThreadsReactor()
-    reactor.pool.start()
-    try:
-        done: list[bool] = []
+    ca = make_ca("Listener CA")
+    key_store = write_pem_identity(tmp_path / "listener.pem", server_leaf(ca, days=200))
+    path = write_config(tmp_path / "mydataproxy.toml", tmp_path, key_store, trust_store=str(store),
+                        client_auth="want")
+    with reloadable(path) as (service, reactor):
+        write_pem_identity(key_store, server_leaf(ca, days=20.5))
         del logs[:]
-        holder.reload(reactor).addCallback(done.append)
-        reactor.runHandedOver()
-    finally:
-        reactor.pool.stop()
-    assert done == [True]
+        assert reloadNow(service, reactor) is True
     reported = lines(logs)
-    # The listener's certificate, its issuer and the trust store.
+    # The renewed listener certificate, its issuer and the trust store, as the reload read them.
     assert len(reported) == 3, reported
     assert f"trust store {store} (client certificates): 146 certificates, 6 expired;" in reported[2]
     warned = warnings(logs)
