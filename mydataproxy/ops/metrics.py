@@ -440,19 +440,16 @@ _GAUGE_COMBINATIONS: dict[str, Callable[[float, float], float]] = {
 _CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
 
 
-def _first(kept: float, other: float) -> float:
-    return kept
+# Families that state facts rather than amounts: the first process's stand.
+_FACT_TYPES = frozenset({"info", "stateset", "unknown"})
 
 
 def _combination(family: Metric, sample: str) -> Callable[[float, float], float]:
     if sample.endswith("_created"):
         return min
-    if family.type in _CUMULATIVE_TYPES or family.type == "gaugehistogram":
-        return operator.add
     if family.type == "gauge":
         return _GAUGE_COMBINATIONS.get(family.name, operator.add)
-    # info, stateset, unknown: facts, not amounts.
-    return _first
+    return operator.add
 
 
 def parseExposition(text: str) -> list[Metric]:
@@ -477,14 +474,15 @@ def aggregate(expositions: Iterable[Iterable[Metric]]) -> list[Metric]:
     summaries and additive gauges (connections, queue depths, memory)
     summed; a C{_created} sample the earliest; the gauges of
     L{_GAUGE_COMBINATIONS} combined as said there; info, stateset and
-    unknown families the first process's.  A family whose type differs from
-    the first one seen under its name is left out.
+    unknown families as the first process that has them says.  A family
+    whose type differs from the first one seen under its name is left out.
     """
     merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
     for families in expositions:
         for family in families:
+            seen = family.name in merged
             kept, values = merged.setdefault(family.name, (family, {}))
-            if family.type != kept.type:
+            if family.type != kept.type or (seen and kept.type in _FACT_TYPES):
                 continue
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))

@@ -110,13 +110,17 @@ class BoundSocket:
         self.name = name
         self.description = description
         self.port = port
+        self.closed = False
 
     @property
     def fd(self) -> int:
         return self.port.fileno()
 
     def close(self) -> Deferred | None:
-        """Close the supervisor's own copy (workers hold theirs until they stop listening)."""
+        """Close the supervisor's own copy, once (workers hold theirs until they stop listening)."""
+        if self.closed:
+            return None
+        self.closed = True
         return self.port.stopListening()
 
 
@@ -463,16 +467,18 @@ class Supervisor(Service):
         """Bind the listeners and the admin listener, open the logs: here, before twistd sheds privileges."""
         super().privilegedStartService()
         generation = self.current
+        name = ""
         try:
             for name, description in proxyListeners(generation.settings).items():
                 generation.sockets[name] = bindOnce(self.reactor, name, description)
             admin = generation.settings.admin
             if admin is not None:
+                name = "admin"
                 self._admin = listenNow(self.reactor, admin.listen, self.site)
                 self._adminDescription = admin.listen
                 log.info("admin listening on {address}", address=self._admin.getHost())
         except OSError as e:
-            raise ListenerError(f"mydataproxy: {e}") from None
+            raise ListenerError(f"mydataproxy: {name}: {e}") from None
         logging = generation.settings.logging
         errorPath = logging.errorPath(socket.gethostname())
         errorLog = ErrorLog(errorPath, self.reactor, logging) if errorPath else None

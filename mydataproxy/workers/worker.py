@@ -269,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Lifeline(reactor).start()
         reactor.callWhenRunning(_ignoreSignals)
         reactor.run()
+        # Stopped: the reactor's handlers are gone, and a SIGTERM passed on
+        # now (a second one) must not end the last writes.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _writeFinalMetrics()
         return 0
     finally:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import LOOPBACK, RawConnection, build_request, parse_access_line, to_toml
+from conftest import LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, to_toml
 from recording_origin import RecordingOrigin
 from supervised import (
     admin_socket, alive, requests_counted, samples, socket_inodes, start_supervised, unix_get,
@@ -203,3 +203,99 @@ def test_metrics_and_readiness_come_from_every_worker(proxy_factory, recording) 
     finally:
         os.kill(workers[0], signal.SIGCONT)
     supervised.wait_ready(2)
+
+
+def test_a_second_sigterm_cuts_at_once(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory, daemon={"shutdown_timeout": 30.0})
+    proxy = supervised.proxy
+    slow = RawConnection(proxy.port, timeout=15)
+    slow.send(build_request("GET", f"{recording.url}/delay/20000/cut", [("Host", recording.authority)]))
+    deadline = time.monotonic() + 5
+    while not any("cut" in r["target"] for r in recording.requests):
+        assert time.monotonic() < deadline, "the slow request never reached the origin"
+        time.sleep(0.02)
+    proxy.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proxy.alive(), "the first SIGTERM did not drain"
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(10) in CLEAN_EXIT
+    assert time.monotonic() - started < 4
+    lines = proxy.wait_access_lines(lambda line: "/delay/20000/cut" in line)
+    assert len(lines) == 1 and lines[0].get("rule") == "daemon.shutdown_timeout", lines
+
+
+def test_a_new_generation_that_dies_before_it_is_ready_changes_nothing(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    old = supervised.workers()
+    config = {section: dict(values) for section, values in proxy.config.items()}
+    config["egress"] = {"rules": [{"name": "no origin", "action": "deny", "ports": [recording.port]},
+                                  *proxy.config["egress"]["rules"]]}
+    proxy.write_config(config)
+    mark = len(proxy.output())
+    proxy.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while not (new := [pid for pid in supervised.workers() if pid not in old]):
+        assert time.monotonic() < deadline, "no new worker was started"
+        time.sleep(0.005)
+    os.kill(new[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while "reload failed, still on generation 1: worker" not in proxy.output()[mark:]:
+        assert time.monotonic() < deadline, proxy.output()[mark:]
+        time.sleep(0.05)
+    assert f"(pid {new[0]}, generation 2) ended (killed by signal 9 (SIGKILL)) before it was ready" in proxy.output()
+    assert get(proxy, recording, "/old-rules")[0] == 200
+    deadline = time.monotonic() + 5
+    while supervised.workers() != old:
+        assert time.monotonic() < deadline, f"the new generation is still running: {supervised.workers()}"
+        time.sleep(0.05)
+    assert supervised.readyz().status_code == 200
+
+
+def test_a_changed_listener_moves_and_the_old_port_closes(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory)
+    proxy = supervised.proxy
+    old_port = proxy.port
+    config = {section: dict(values) for section, values in proxy.config.items()}
+    config["forward"]["listen"] = f"tcp:{get_free_port()}:interface={LOOPBACK}"
+    assert "reload: generation 2 in force" in proxy.reload(config)
+    assert proxy.port != old_port
+    assert get(proxy, recording, "/moved")[0] == 200
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            socket.create_connection((LOOPBACK, old_port), timeout=1).close()
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the old listener still accepts"
+        time.sleep(0.05)
+
+
+def test_logs_follow_a_reload_and_sigusr1(proxy_factory, recording, tmp_path) -> None:
+    error_log = tmp_path / "error.log"
+    supervised = start_supervised(proxy_factory, logging={"error_log": str(error_log)})
+    proxy = supervised.proxy
+    assert get(proxy, recording, "/first")[0] == 200
+    first_log = proxy.access_log
+    deadline = time.monotonic() + 5
+    while "worker 1] configuration from" not in error_log.read_text():
+        assert time.monotonic() < deadline, "the workers' events did not reach the error log"
+        time.sleep(0.05)
+    config = {section: dict(values) for section, values in proxy.config.items()}
+    config["logging"] = {**proxy.config["logging"], "access_log": str(tmp_path / "second.log")}
+    assert "reload: generation 2 in force" in proxy.reload(config)
+    assert get(proxy, recording, "/second")[0] == 200
+    assert proxy.wait_access_lines(lambda line: "/second" in line)
+    assert not any("/second" in line for line in first_log.read_text().splitlines())
+    moved = tmp_path / "second.log.1"
+    proxy.access_log.rename(moved)
+    mark = len(proxy.output())
+    proxy.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while "SIGUSR1: reopening the log files" not in proxy.output()[mark:]:
+        assert time.monotonic() < deadline, "SIGUSR1 was not taken"
+        time.sleep(0.05)
+    assert get(proxy, recording, "/third")[0] == 200
+    assert proxy.wait_access_lines(lambda line: "/third" in line)
+    assert "/third" not in moved.read_text()
