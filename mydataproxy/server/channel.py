@@ -235,6 +235,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
         "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate", "_served",
+        "_graceCall", "_producing",
     )
 
     def __init__(self, client: str) -> None:
@@ -258,6 +259,9 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self._localPort: int | None = None
         self._certificate: str | None = None
         self._served = False
+        self._graceCall: IDelayedCall | None = None
+        # Whether we are the transport's producer (until a tunnel or a close).
+        self._producing = False
 
     @property
     def limits(self) -> LimitSettings:
@@ -301,6 +305,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self.factory.channels.add(self)
         self.setTimeout(self.factory.idleTimeout)
         self.transport.registerProducer(self, True)
+        self._producing = True
         if self.factory.draining:
             self._persistent = False
 
@@ -317,14 +322,14 @@ class ProxyChannel(Protocol, TimeoutMixin):
             return
         if self._served:
             self.close()
-        elif self._closeCall is None:
-            self._closeCall = self.callLater(FIRST_REQUEST_GRACE_SECONDS, self._closeIfStillIdle)
+        elif self._graceCall is None:
+            self._graceCall = self.callLater(FIRST_REQUEST_GRACE_SECONDS, self._closeIfStillIdle)
 
     def _idle(self) -> bool:
         return self._request is None and self.tunnel is None and self._state == _Reading.HEAD and not self._buffer
 
     def _closeIfStillIdle(self) -> None:
-        self._closeCall = None
+        self._graceCall = None
         if self._idle():
             self.close()
 
@@ -349,9 +354,15 @@ class ProxyChannel(Protocol, TimeoutMixin):
 
     def close(self) -> None:
         """Close once what we wrote is sent, or cut it if the client won't read it."""
-        self.transport.loseConnection()
         if self._closeCall is None:
+            if self._producing:
+                # Twisted's TLS transport holds a close back while a producer
+                # is registered: without this, every close on a TLS listener
+                # waited for the abort below.
+                self._producing = False
+                self.transport.unregisterProducer()
             self._closeCall = self.callLater(CLOSE_SECONDS, self.transport.abortConnection)
+        self.transport.loseConnection()
 
     # IPushProducer: the client's side of the writes.
 
@@ -667,6 +678,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._state = _Reading.TUNNEL
         # From here the tunnel wires the two sockets' back-pressure itself.
+        self._producing = False
         self.transport.unregisterProducer()
 
     # The client closing.
@@ -692,7 +704,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self.factory.channels.discard(self)
         self.setTimeout(None)
         self._cancelHeadDeadline()
-        for call in (self._lingerCall, self._closeCall):
+        for call in (self._lingerCall, self._closeCall, self._graceCall):
             if call is not None and call.active():
                 call.cancel()
         self.factory.connections.release(self.client)
