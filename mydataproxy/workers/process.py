@@ -210,7 +210,6 @@ class WorkerProcess(ProcessProtocol):
         self._readyWaiters: list[Deferred[None]] = []
         self._endWaiters: list[Deferred[None]] = []
         self._poll = None
-        self._asking = False
 
     @property
     def name(self) -> str:

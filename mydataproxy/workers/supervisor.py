@@ -255,14 +255,8 @@ class _SupervisorMetrics:
             "Log lines not written: the queue was full (dropped) or the write failed (lost)",
             labels=["log", "why"],
         )
-        writers = supervisor.writers()
-        dropped.add_metric(["access", "dropped"], sum(w.dropped for w in writers))
-        dropped.add_metric(["access", "lost"], sum(w.lost for w in writers))
-        if supervisor.errorLog is not None:
-            dropped.add_metric(["error", "dropped"], supervisor.errorLog.writer.dropped)
-            dropped.add_metric(["error", "lost"], supervisor.errorLog.writer.lost)
-        for name, count in supervisor.malformedLines().items():
-            dropped.add_metric([name, "malformed"], count)
+        for (name, why), count in supervisor.lostLines().items():
+            dropped.add_metric([name, why], count)
         yield dropped
 
 
@@ -298,7 +292,7 @@ class Supervisor(Service):
         self._serial = 0
         self._reloads = DeferredLock()
         self._retired: list[Metric] = []
-        self._malformed = {"access": 0, "error": 0}
+        self._lost = {(name, why): 0 for name in ("access", "error") for why in ("dropped", "lost", "malformed")}
         self.registry = CollectorRegistry()
         self._restartCount = Counter(
             "mydataproxy_worker_restarts", "Workers restarted after they exited unexpectedly", registry=self.registry
@@ -324,13 +318,28 @@ class Supervisor(Service):
         """The access log writers open (one per path in use)."""
         return list(self._writers.values())
 
-    def malformedLines(self) -> dict[str, int]:
-        """Lines from workers' pipes dropped (too long, or cut by a worker's end), by log."""
-        counts = dict(self._malformed)
+    def lostLines(self) -> dict[tuple[str, str], int]:
+        """
+        Lines not written, by log and why: dropped or lost by the
+        supervisor's writers (those closed since included), and malformed
+        (too long, or cut by a worker's end) on the workers' pipes.
+        """
+        counts = dict(self._lost)
+        writers = [("access", w) for w in self.writers()]
+        if self.errorLog is not None:
+            writers.append(("error", self.errorLog.writer))
+        for name, writer in writers:
+            counts[name, "dropped"] += writer.dropped
+            counts[name, "lost"] += writer.lost
         for worker in (w for g in self._generations() for w in g.live):
             for name, count in worker.malformed.items():
-                counts[name] += count
+                counts[name, "malformed"] += count
         return counts
+
+    def _closed(self, name: str, writer: LogWriter) -> None:
+        """Keep the counts of a writer that stops."""
+        self._lost[name, "dropped"] += writer.dropped
+        self._lost[name, "lost"] += writer.lost
 
     def _startWriter(self, writer: LogWriter) -> bool:
         """Open C{writer} if it is new (C{OSError} if it cannot be); whether it was."""
@@ -343,7 +352,9 @@ class Supervisor(Service):
     def _releaseWriters(self) -> None:
         used = {g.accessWriter.path for g in self._generations()}
         for path in [p for p in self._writers if p not in used]:
-            self._writers.pop(path).stop()
+            writer = self._writers.pop(path)
+            writer.stop()
+            self._closed("access", writer)
 
     def _observe(self, errorLog: ErrorLog | None, syslog: SyslogObserver | None) -> None:
         for old in (self.errorLog, self.syslog):
@@ -351,6 +362,7 @@ class Supervisor(Service):
                 globalLogPublisher.removeObserver(old)
         if self.errorLog is not None and self.errorLog is not errorLog:
             self.errorLog.stop()
+            self._closed("error", self.errorLog.writer)
         if self.syslog is not None and self.syslog is not syslog:
             self.syslog.close()
         for new in (errorLog, syslog):
@@ -408,7 +420,7 @@ class Supervisor(Service):
     def _workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         self._retired = aggregate([self._retired, cumulative(worker.snapshot)])
         for name, count in worker.malformed.items():
-            self._malformed[name] += count
+            self._lost[name, "malformed"] += count
         generation = next((g for g in self._generations() if worker in g.workers), None)
         if generation is None:
             return

@@ -75,7 +75,7 @@ FIRST_LISTENER_FD = 6
 #: The worker's exit status when it refuses its configuration.
 EXIT_CONFIG = os.EX_CONFIG
 #: The worker's exit status when it cannot start serving (a socket, a log).
-EXIT_START = 70
+EXIT_START = os.EX_SOFTWARE
 
 #: What the final metrics are written as (and the supervisor parses).
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -180,8 +180,9 @@ class Lifeline:
     service drains as on SIGTERM).
     """
 
-    def __init__(self, reactor, fd: int = LIFELINE_FD) -> None:
+    def __init__(self, reactor, name: str, fd: int = LIFELINE_FD) -> None:
         self.reactor = reactor
+        self.name = name
         self.fd = fd
         self.stopping = False
 
@@ -210,7 +211,9 @@ class Lifeline:
         """
         if self.stopping:
             return
-        log.warn("the supervisor is gone: stopping")
+        # Standard error (journald, twistd's output): the log went with the supervisor.
+        sys.__stderr__.write(f"mydataproxy: {self.name} (pid {os.getpid()}): the supervisor is gone: stopping\n")
+        sys.__stderr__.flush()
         try:
             self.reactor.stop()
         except ReactorNotRunning:
@@ -254,7 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings, material = _load(options)
         except (ConfigError, WorkerRefused) as e:
-            log.critical("worker {index} refuses its configuration: {e}", index=options.index, e=str(e))
+            log.critical(
+                "worker {index} of generation {generation} refuses its configuration: {e}",
+                index=options.index, generation=options.generation, e=str(e),
+            )
             return EXIT_CONFIG
         service: ProxyService = makeService(
             workerSettings(settings, options.admin_socket), material, reactor, inherited=options.listeners
@@ -262,11 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             service.privilegedStartService()
         except SystemExit as e:
-            log.critical("worker {index} cannot start: {e}", index=options.index, e=str(e))
+            log.critical(
+                "worker {index} of generation {generation} cannot start: {e}",
+                index=options.index, generation=options.generation, e=str(e),
+            )
             return EXIT_START
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         service.startService()
-        Lifeline(reactor).start()
+        Lifeline(reactor, f"worker {options.index} of generation {options.generation}").start()
         reactor.callWhenRunning(_ignoreSignals)
         reactor.run()
         # Stopped: the reactor's handlers are gone, and a SIGTERM passed on

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, to_toml
+from conftest import BIN, LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, to_toml
 from recording_origin import RecordingOrigin
 from supervised import (
     admin_socket, alive, requests_counted, samples, socket_inodes, start_supervised, unix_get,
@@ -177,6 +178,7 @@ def test_workers_exit_when_the_supervisor_is_killed(proxy_factory, recording) ->
     while any(alive(pid) for pid in workers):
         assert time.monotonic() < deadline, f"workers {[p for p in workers if alive(p)]} outlived their supervisor"
         time.sleep(0.05)
+    assert proxy.output().count("the supervisor is gone: stopping") == 2
     with pytest.raises(OSError):
         socket.create_connection((LOOPBACK, proxy.port), timeout=1).close()
 
@@ -276,8 +278,13 @@ def test_a_changed_listener_moves_and_the_old_port_closes(proxy_factory, recordi
 
 
 def test_logs_follow_a_reload_and_sigusr1(proxy_factory, recording, tmp_path) -> None:
+    """
+    The workers' events reach the error log; a reload moves the access log
+    (the old generation's file keeps an intact hash chain: one writer for
+    both workers); SIGUSR1 reopens a file renamed away.
+    """
     error_log = tmp_path / "error.log"
-    supervised = start_supervised(proxy_factory, logging={"error_log": str(error_log)})
+    supervised = start_supervised(proxy_factory, logging={"error_log": str(error_log), "tamper_evident": True})
     proxy = supervised.proxy
     assert get(proxy, recording, "/first")[0] == 200
     first_log = proxy.access_log
@@ -291,6 +298,8 @@ def test_logs_follow_a_reload_and_sigusr1(proxy_factory, recording, tmp_path) ->
     assert get(proxy, recording, "/second")[0] == 200
     assert proxy.wait_access_lines(lambda line: "/second" in line)
     assert not any("/second" in line for line in first_log.read_text().splitlines())
+    verified = subprocess.run([str(BIN / "mydataproxy"), "verify-log", str(first_log)], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     moved = tmp_path / "second.log.1"
     proxy.access_log.rename(moved)
     mark = len(proxy.output())
