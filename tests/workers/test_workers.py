@@ -379,3 +379,23 @@ def test_reloads_under_load_fail_no_request(proxy_factory, recording) -> None:
     failed = [o for o in outcomes if o != 200]
     assert len(outcomes) < MAX_REQUESTS, "the load ended before the reloads did"
     assert len(outcomes) > 100 and not failed, f"{len(failed)} of {len(outcomes)} failed: {failed[:5]}"
+
+
+def test_mydataproxy_reload_reports_the_supervisors_outcome(proxy_factory, recording) -> None:
+    supervised = start_supervised(proxy_factory, pidfile=True)
+    proxy = supervised.proxy
+    assert int(proxy.pidfile.read_text()) == supervised.pid
+
+    def reload() -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "mydataproxy"), "reload", "--pidfile", str(proxy.pidfile), "--timeout", "20"],
+                              capture_output=True, text=True, timeout=30)
+
+    config = {section: dict(values) for section, values in proxy.config.items()}
+    config["upstream"] = {**proxy.config["upstream"], "read_timeout": 7.0}
+    proxy.write_config(config)
+    done = reload()
+    assert done.returncode == 0 and "reload: generation 2 in force" in done.stdout, done
+    proxy.write_config(to_toml(config).replace("read_timeout = 7.0", "read_timeout = -1"))
+    done = reload()
+    assert done.returncode == 1, done
+    assert "reload failed, still on generation 2:" in done.stderr and "read_timeout" in done.stderr, done
