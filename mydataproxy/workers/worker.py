@@ -185,6 +185,7 @@ class Lifeline:
         self.name = name
         self.fd = fd
         self.stopping = False
+        self.gone = False
 
     def start(self) -> None:
         fdesc.setNonBlocking(self.fd)
@@ -211,6 +212,7 @@ class Lifeline:
         """
         if self.stopping:
             return
+        self.gone = True
         # Standard error (journald, twistd's output): the log went with the supervisor.
         sys.__stderr__.write(f"mydataproxy: {self.name} (pid {os.getpid()}): the supervisor is gone: stopping\n")
         sys.__stderr__.flush()
@@ -275,13 +277,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_START
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         service.startService()
-        Lifeline(reactor, f"worker {options.index} of generation {options.generation}").start()
+        lifeline = Lifeline(reactor, f"worker {options.index} of generation {options.generation}")
+        lifeline.start()
         reactor.callWhenRunning(_ignoreSignals)
         reactor.run()
         # Stopped: the reactor's handlers are gone, and a SIGTERM passed on
         # now (a second one) must not end the last writes.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _writeFinalMetrics()
+        if lifeline.gone:
+            # Nobody else will remove the supervisor's directory: the last
+            # worker out does (its socket is gone with its port).
+            try:
+                os.rmdir(os.path.dirname(options.admin_socket))
+            except OSError:
+                pass
+        else:
+            _writeFinalMetrics()
         return 0
     finally:
         events.stop()

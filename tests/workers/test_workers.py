@@ -172,6 +172,7 @@ def test_workers_exit_when_the_supervisor_is_killed(proxy_factory, recording) ->
     supervised = start_supervised(proxy_factory)
     proxy = supervised.proxy
     workers = supervised.workers()
+    directory = os.path.dirname(admin_socket(workers[0]))
     proxy.proc.send_signal(signal.SIGKILL)
     proxy.proc.wait(5)
     deadline = time.monotonic() + 5
@@ -179,6 +180,7 @@ def test_workers_exit_when_the_supervisor_is_killed(proxy_factory, recording) ->
         assert time.monotonic() < deadline, f"workers {[p for p in workers if alive(p)]} outlived their supervisor"
         time.sleep(0.05)
     assert proxy.output().count("the supervisor is gone: stopping") == 2
+    assert not os.path.exists(directory), "the supervisor's directory was left behind"
     with pytest.raises(OSError):
         socket.create_connection((LOOPBACK, proxy.port), timeout=1).close()
 
