@@ -57,8 +57,8 @@ LINGER_BYTES = 1024 * 1024
 # A connection we closed that still holds unsent bytes (a client that stopped
 # reading) is cut after this long.
 CLOSE_SECONDS = 10.0
-# A drain closes a connection that never sent a request after this long.
-FIRST_REQUEST_GRACE_SECONDS = 2.0
+# A drain closes a connection idle between requests after this long.
+DRAIN_GRACE_SECONDS = 2.0
 
 
 class ProxyListener(Factory):
@@ -234,7 +234,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
     __slots__ = (
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
-        "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate", "_served",
+        "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate",
         "_graceCall", "_producing",
     )
 
@@ -258,7 +258,6 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self._peer = None
         self._localPort: int | None = None
         self._certificate: str | None = None
-        self._served = False
         self._graceCall: IDelayedCall | None = None
         # Whether we are the transport's producer (until a tunnel or a close).
         self._producing = False
@@ -311,19 +310,16 @@ class ProxyChannel(Protocol, TimeoutMixin):
 
     def drain(self) -> None:
         """
-        The listener is draining: close if idle between requests, else after
-        the current response.  A connection that has not sent its first
-        request yet gets L{FIRST_REQUEST_GRACE_SECONDS}: the client that
-        just opened it has its request on the way, and would not retry it
-        on a fresh connection.
+        The listener is draining: no more keep-alive.  A connection busy
+        with a request closes after its response; one idle between requests
+        gets L{DRAIN_GRACE_SECONDS} more, its next request answered
+        with C{Connection: close}: its client may have that request on the
+        way already (or be about to send the first one on a connection it
+        just opened), and would see a close now as a failed request.
         """
         self._persistent = False
-        if not self._idle():
-            return
-        if self._served:
-            self.close()
-        elif self._graceCall is None:
-            self._graceCall = self.callLater(FIRST_REQUEST_GRACE_SECONDS, self._closeIfStillIdle)
+        if self._idle() and self._graceCall is None:
+            self._graceCall = self.callLater(DRAIN_GRACE_SECONDS, self._closeIfStillIdle)
 
     def _idle(self) -> bool:
         return self._request is None and self.tunnel is None and self._state == _Reading.HEAD and not self._buffer
@@ -554,7 +550,6 @@ class ProxyChannel(Protocol, TimeoutMixin):
         if request is not self._request:
             return
         self._request = None
-        self._served = True
         request.recordAccess()
         if self._state == _Reading.BODY:
             self.linger()

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from mydataproxy.config import EgressRule, EgressSettings, ForwardSettings, Settings, UpstreamSettings
 from mydataproxy.forward.listener import ForwardProxy
-from mydataproxy.server.channel import CLOSE_SECONDS, FIRST_REQUEST_GRACE_SECONDS, LINGER_BYTES, LINGER_SECONDS
+from mydataproxy.server.channel import CLOSE_SECONDS, DRAIN_GRACE_SECONDS, LINGER_BYTES, LINGER_SECONDS
 from mydataproxy.http.framing import headerProblem, requestLineProblem
 from mydataproxy.egress.policy import ClientAccess, connectAllowed
 from mydataproxy.http.target import MISSING_TARGET_HOST
@@ -733,30 +733,33 @@ def test_twoHostFieldsAre400() -> None:
 # Draining (reload, SIGTERM): which connections close when.
 
 
-def test_drainClosesAConnectionIdleBetweenRequests() -> None:
+@pytest.mark.parametrize("served", [0, 1])
+def test_drainLetsAnIdleConnectionSendOneMoreRequest(served: int) -> None:
+    """
+    Idle between requests (or not yet sent its first): its client may have
+    the next request on the way; it is answered, with the close.
+    """
     c = Client()
-    c.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert c.responses()[0][0].startswith(b"HTTP/1.1 403")
+    for _ in range(served):
+        c.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
     c.proxy.drain()
-    assert c.transport.disconnecting
-
-
-def test_drainGivesAFreshConnectionItsFirstRequest() -> None:
-    """A client that just connected has its request on the way: it gets it answered, then the close."""
-    c = Client()
-    c.proxy.drain()
+    c.reactor.advance(DRAIN_GRACE_SECONDS / 2)
     assert not c.transport.disconnecting
-    c.reactor.advance(FIRST_REQUEST_GRACE_SECONDS / 2)
-    c.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-    (status, fields, _), = c.responses()
-    assert status.startswith(b"HTTP/1.1 403") and field(fields, b"connection") == [b"close"]
+    c.send(b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n")
+    responses = c.responses()
+    assert len(responses) == served + 1 and all(r[0].startswith(b"HTTP/1.1 403") for r in responses)
+    assert field(responses[-1][1], b"connection") == [b"close"]
     assert c.closed()
 
 
-def test_drainClosesAFreshConnectionThatSendsNothing() -> None:
+@pytest.mark.parametrize("served", [0, 1])
+def test_drainClosesAnIdleConnectionThatSendsNothingMore(served: int) -> None:
     c = Client()
+    for _ in range(served):
+        c.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    sent = c.received()
     c.proxy.drain()
-    c.reactor.advance(FIRST_REQUEST_GRACE_SECONDS - 0.1)
+    c.reactor.advance(DRAIN_GRACE_SECONDS - 0.1)
     assert not c.transport.disconnecting
     c.reactor.advance(0.2)
-    assert c.transport.disconnecting and c.received() == b""
+    assert c.transport.disconnecting and c.received() == sent
