@@ -61,14 +61,17 @@ from mydataproxy.config.toml import (
 )
 
 
-def load(path: str | Path) -> Settings:
+def load(path: str | Path, content: bytes | None = None) -> Settings:
     """
     Load a config file: the Java product's C{application.properties} (by
     C{.properties} suffix) or native TOML (anything else).
 
+    @param content: The file's bytes, already read (a supervisor hands its
+        workers the bytes it validated); read from C{path} when not given.
+        Relative paths in them are taken from C{path}'s folder either way.
     @raise ConfigError: If the file cannot be read or is not valid.
     """
     path = Path(path)
     if path.suffix == ".properties":
-        return loadProperties(path)
-    return loadToml(path)
+        return loadProperties(path, content)
+    return loadToml(path, content)

@@ -241,9 +241,10 @@ def _shown(key: str, value: str) -> str:
     return "(value hidden)" if "password" in key.lower() else repr(value)
 
 
-def loadProperties(path: Path) -> Settings:
+def loadProperties(path: Path, content: bytes | None = None) -> Settings:
     """
-    Load the Java product's C{application.properties} into L{Settings}.
+    Load the Java product's C{application.properties} (or its C{content},
+    already read) into L{Settings}.
 
     @raise ConfigError: If the file cannot be read, has a key we do not know or
         a bad value, or asks for TLS that we cannot provide.
@@ -251,7 +252,7 @@ def loadProperties(path: Path) -> Settings:
     path = Path(path)
     source = str(path)
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes() if content is None else content
     except OSError as e:
         raise ConfigError(source, None, f"cannot read: {e}") from None
     try:

@@ -937,11 +937,11 @@ def _locations(document: Mapping[str, Any], check: _Checker) -> tuple[tuple[str,
     return tuple(found)
 
 
-def loadToml(path: Path) -> Settings:
-    """Load and validate a native TOML config file."""
+def loadToml(path: Path, content: bytes | None = None) -> Settings:
+    """Load and validate a native TOML config file (or its C{content}, already read)."""
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if content is None else content).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(source, None, f"cannot read: {e}") from None
     try:

@@ -196,6 +196,22 @@ def test_tomlUnreadable(tmp_path: Path) -> None:
     loadError(tmp_path / "missing.toml", None, None, "cannot read")
 
 
+@pytest.mark.parametrize("name, text", [
+    ("mydataproxy.toml", '[forward]\nlisten = "tcp:9123"\nauth_file = "users"\n'),
+    ("application.properties", "server.port=9123\n"),
+])
+def test_contentAlreadyRead(tmp_path: Path, name: str, text: str) -> None:
+    """The bytes given are loaded, not the file's now, under the file's name."""
+    path = write(tmp_path, "[forward\n" if name.endswith(".toml") else "server.port=no port\n", name)
+    settings = config.load(path, text.encode())
+    assert settings.forward.listen.startswith("tcp:9123") and settings.source == str(path)
+    if name.endswith(".toml"):
+        # Relative paths are still the file's folder's.
+        assert settings.forward.auth_file == str(tmp_path / "users")
+    with pytest.raises(ConfigError):
+        config.load(path)
+
+
 # --- parseNetwork ---------------------------------------------------------------
 
 
