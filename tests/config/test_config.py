@@ -1156,7 +1156,7 @@ def test_configIsADirectory(tmp_path: Path, name: str) -> None:
     loadError(tmp_path / name, None, None, "cannot read", "Is a directory")
 
 
-@pytest.mark.parametrize("name, method", [("a.toml", "read_text"), ("a.properties", "read_bytes")])
+@pytest.mark.parametrize("name, method", [("a.toml", "read_bytes"), ("a.properties", "read_bytes")])
 def test_configUnreadable(tmp_path: Path, monkeypatch, name: str, method: str) -> None:
     # Tests run as root, which chmod cannot lock out: fail the read itself.
     path = write(tmp_path, "", name)
