@@ -418,10 +418,18 @@ class ProxyChannel(Protocol, TimeoutMixin):
         if state == _Reading.BODY and not self._buffer:
             self._buffer = data
         else:
-            if not self._buffer and state == _Reading.HEAD and self._headDeadline is None:
-                self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
             self._buffer += data
         self._process()
+        self._armHeadDeadline()
+
+    def _armHeadDeadline(self) -> None:
+        """
+        A head has begun and is not complete: it has C{limits.header_timeout}
+        from now.  (Armed once the buffer is parsed, so that a head that came
+        whole, the common case, costs no timer.)
+        """
+        if self._state == _Reading.HEAD and self._buffer and self._headDeadline is None:
+            self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
 
     def _process(self) -> None:
         """Handle what the buffer holds, as far as the current state allows."""
@@ -562,9 +570,8 @@ class ProxyChannel(Protocol, TimeoutMixin):
         # Whatever held reading back for this request no longer does.
         self.resumeReading("body")
         self.resumeReading("pipelined")
-        if self._buffer:
-            self._headDeadline = self.callLater(self.limits.header_timeout, self._headTimedOut)
         self._process()
+        self._armHeadDeadline()
 
     def linger(self) -> None:
         """

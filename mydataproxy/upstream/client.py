@@ -962,6 +962,15 @@ class UpstreamExchange:
         self._acquire(fresh=False)
 
     def _acquire(self, fresh: bool) -> None:
+        if not fresh:
+            # The common case, a pooled connection: no Deferred round trip.
+            connection = self.pool.takeIdle(self.destination)
+            if connection is not None:
+                try:
+                    self._connected(connection)
+                except Exception:
+                    self._crashed(Failure())
+                return
         d = self.pool.acquire(self.destination, fresh=fresh, connectTimeout=self.connectTimeout)
         self._acquiring = d
         d.addCallbacks(self._connected, self._acquireFailed).addErrback(self._crashed)
@@ -1294,7 +1303,7 @@ class UpstreamPool:
             Cancelling it gives up the request.
         """
         if not fresh:
-            connection = self._takeIdle(destination)
+            connection = self.takeIdle(destination)
             if connection is not None:
                 return defer.succeed(connection)
         if self._hasRoom(destination) or self._evictIdleFor(destination):
@@ -1332,7 +1341,8 @@ class UpstreamPool:
         if waiter.timeout is not None and waiter.timeout.active():
             waiter.timeout.cancel()
 
-    def _takeIdle(self, destination: Destination) -> UpstreamConnection | None:
+    def takeIdle(self, destination: Destination) -> UpstreamConnection | None:
+        """An idle pooled connection to C{destination}, taken out of the pool, or L{None}."""
         idle = self._idle.get(destination)
         while idle:
             connection = idle.pop()
