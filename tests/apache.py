@@ -1,8 +1,10 @@
 """
 A real Apache httpd for the tests: Debian's C{apache2} binary started in the
 foreground from a temporary ServerRoot (never the system service), serving
-C{etc/apache/mydataproxy.conf} as it is shipped, except for a textual
-substitution of its ports, listen addresses and certificate paths.
+C{etc/apache/mydataproxy.conf} (L{start_apache}) or
+C{etc/apache/mydataproxy-balancer.conf} (L{start_balancer}) as it is shipped,
+except for a textual substitution of its ports, listen addresses, backend or
+member addresses and certificate paths.
 
 The generated main config is what Debian's C{apache2.conf}, C{ports.conf} and
 C{ssl.conf} give that file, cut down: the event MPM, C{authz_core}, the SSL
@@ -20,12 +22,14 @@ import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from conftest import LOOPBACK, TLSFiles, get_free_port, require_tool, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 SITE_CONF = REPO / "etc" / "apache" / "mydataproxy.conf"
+BALANCER_CONF = REPO / "etc" / "apache" / "mydataproxy-balancer.conf"
 MODULES_DIR = Path("/usr/lib/apache2/modules")
 # Enabled by a Debian apache2 install before any a2enmod (mpm_event,
 # authz_core), and the session cache a2enmod ssl brings along (socache_shmcb,
@@ -38,6 +42,10 @@ PUBLIC_HTTPS = "<VirtualHost *:443>"
 BACKEND = "http://127.0.0.1:8080/"
 CERT_FILE = "/etc/mydataproxy/tls/apache.crt"
 KEY_FILE = "/etc/mydataproxy/tls/apache.key"
+MEMBERS = ('BalancerMember "http://10.0.1.21:8080"', 'BalancerMember "http://10.0.1.22:8080"')
+
+#: A site file's text and the public HTTP and HTTPS ports -> what Apache loads.
+Render = Callable[[str, int, int], str]
 
 
 def apache_binary() -> str:
@@ -48,7 +56,7 @@ def apache_binary() -> str:
     return require_tool(shutil.which("apache2") or "/usr/sbin/apache2")
 
 
-def site_modules(conf_text: str) -> list[str]:
+def site_modules(conf_text: str, site: Path = SITE_CONF) -> list[str]:
     """
     The modules to load: the base (L{BASE_MODULES}), then the names on the
     site file's own C{a2enmod} comment line, so that a module the file needs
@@ -56,7 +64,7 @@ def site_modules(conf_text: str) -> list[str]:
     """
     match = re.search(r"^#\s*a2enmod\s+([\w ]+)$", conf_text, re.MULTILINE)
     if match is None:
-        raise AssertionError(f"{SITE_CONF} names no modules on an 'a2enmod' comment line")
+        raise AssertionError(f"{site} names no modules on an 'a2enmod' comment line")
     return list(dict.fromkeys(BASE_MODULES + tuple(match.group(1).split())))
 
 
@@ -67,21 +75,41 @@ def render_site(conf_text: str, http_port: int, https_port: int, backend_port: i
     replaced; every value to replace must be there (a change to the shipped
     file must not leave the tests exercising something else).
     """
+    substitutions = [(BACKEND, f"http://{LOOPBACK}:{backend_port}/")]
+    return _substitute(SITE_CONF, conf_text, http_port, https_port, tls, substitutions)
+
+
+def render_balancer(conf_text: str, http_port: int, https_port: int, member_ports: Sequence[int],
+                    tls: TLSFiles) -> str:
+    """
+    The balancer site C{conf_text} with its public ports, certificate paths
+    and members (L{MEMBERS}, in order, to C{127.0.0.1:member_ports}) replaced;
+    every value to replace must be there.
+    """
+    if len(member_ports) != len(MEMBERS):
+        raise AssertionError(f"{BALANCER_CONF} has {len(MEMBERS)} members, not {len(member_ports)}")
+    substitutions = [(member, f'BalancerMember "http://{LOOPBACK}:{port}"')
+                     for member, port in zip(MEMBERS, member_ports)]
+    return _substitute(BALANCER_CONF, conf_text, http_port, https_port, tls, substitutions)
+
+
+def _substitute(site: Path, conf_text: str, http_port: int, https_port: int, tls: TLSFiles,
+                backends: list[tuple[str, str]]) -> str:
     substitutions = [
         (PUBLIC_HTTP, f"<VirtualHost {LOOPBACK}:{http_port}>"),
         (PUBLIC_HTTPS, f"<VirtualHost {LOOPBACK}:{https_port}>"),
-        (BACKEND, f"http://{LOOPBACK}:{backend_port}/"),
         (CERT_FILE, str(tls.cert_pem)),
         (KEY_FILE, str(tls.key_pem)),
+        *backends,
     ]
     for old, new in substitutions:
         if old not in conf_text:
-            raise AssertionError(f"{SITE_CONF} no longer contains {old!r}; update tests/apache.py")
+            raise AssertionError(f"{site} no longer contains {old!r}; update tests/apache.py")
         conf_text = conf_text.replace(old, new)
     directives = "\n".join(l for l in conf_text.splitlines() if not l.lstrip().startswith("#"))
-    for leftover in (":8080", "*:80", "*:443", "/etc/mydataproxy/"):
+    for leftover in (":8080", "*:80", "*:443", "/etc/mydataproxy/", "10.0.1."):
         if leftover in directives:
-            raise AssertionError(f"{SITE_CONF}: {leftover!r} is used where the tests cannot substitute it")
+            raise AssertionError(f"{site}: {leftover!r} is used where the tests cannot substitute it")
     return conf_text
 
 
@@ -110,24 +138,23 @@ def _main_conf(root: Path, http_port: int, https_port: int, modules: list[str]) 
 
 class ApacheProcess:
     """
-    One C{apache2 -DFOREGROUND} serving the shipped site on loopback:
-    C{http_port} (the C{*:80} vhost) and C{https_port} (C{*:443}, with the
-    leaf of C{tls}), proxying to C{127.0.0.1:backend_port}.
+    One C{apache2 -DFOREGROUND} serving the shipped C{site} file on loopback,
+    as C{render} makes it: C{http_port} (the C{*:80} vhost) and C{https_port}
+    (C{*:443}).
     """
 
-    def __init__(self, workdir: Path, backend_port: int, tls: TLSFiles, timeout: float = 10.0):
+    def __init__(self, workdir: Path, site: Path, render: Render, timeout: float = 10.0):
         binary = apache_binary()
         self.root = workdir
         for sub in ("run", "lock", "logs", "sites"):
             (workdir / sub).mkdir(parents=True, exist_ok=True)
         self.http_port = get_free_port()
         self.https_port = get_free_port()
-        site = SITE_CONF.read_text()
-        (workdir / "sites" / "mydataproxy.conf").write_text(
-            render_site(site, self.http_port, self.https_port, backend_port, tls))
+        text = site.read_text()
+        (workdir / "sites" / "mydataproxy.conf").write_text(render(text, self.http_port, self.https_port))
         self.conf_path = workdir / "apache2.conf"
         self.conf_path.write_text(
-            _main_conf(workdir, self.http_port, self.https_port, site_modules(site)))
+            _main_conf(workdir, self.http_port, self.https_port, site_modules(text, site)))
         self.output_path = workdir / "apache2.out"
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C",
                "APACHE_LOG_DIR": str(workdir / "logs")}
@@ -165,11 +192,30 @@ class ApacheProcess:
 
 
 def start_apache(workdir: Path, backend_port: int, tls: TLSFiles) -> ApacheProcess:
+    """
+    An L{ApacheProcess} in C{workdir} serving C{mydataproxy.conf} (with the
+    leaf of C{tls} on C{https_port}), proxying to C{127.0.0.1:backend_port}.
+    """
+    return _start(workdir, SITE_CONF,
+                  lambda text, http, https: render_site(text, http, https, backend_port, tls))
+
+
+def start_balancer(workdir: Path, member_ports: Sequence[int], tls: TLSFiles) -> ApacheProcess:
+    """
+    An L{ApacheProcess} in C{workdir} serving C{mydataproxy-balancer.conf}
+    (with the leaf of C{tls} on C{https_port}), balancing over the members
+    C{127.0.0.1:member_ports}.
+    """
+    return _start(workdir, BALANCER_CONF,
+                  lambda text, http, https: render_balancer(text, http, https, member_ports, tls))
+
+
+def _start(workdir: Path, site: Path, render: Render) -> ApacheProcess:
     """An L{ApacheProcess} in C{workdir}, retried on fresh ports if one was taken meanwhile."""
     attempt = 0
     while True:
         try:
-            return ApacheProcess(workdir / f"attempt{attempt}", backend_port, tls)
+            return ApacheProcess(workdir / f"attempt{attempt}", site, render)
         except RuntimeError as e:
             attempt += 1
             if "Address already in use" not in str(e) or attempt == 3:
