@@ -1500,7 +1500,10 @@ class UpstreamPool:
         )
 
     def closeIdle(self) -> None:
-        """Close every idle connection (at shutdown)."""
+        """Close every idle connection (draining); none of them is handed out again."""
         for connections in list(self._idle.values()):
             for connection in list(connections):
+                # Until its close completes it is still in the idle list:
+                # a request sent on it would be lost, or run twice.
+                connection.reusable = False
                 connection.transport.loseConnection()

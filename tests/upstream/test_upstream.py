@@ -113,6 +113,20 @@ def test_contentLengthResponseIsRelayedAndConnectionReused() -> None:
     assert second.started[0] == 204 and second.finished and second.body == []
 
 
+def test_closedIdleConnectionIsNotHandedOutWhileClosing() -> None:
+    """Draining closes the idle connections: a request meanwhile gets a new one, never a closing one."""
+    h = Harness()
+    h.exchange()
+    transport = h.connectPending()
+    transport.protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    h.pool.closeIdle()
+    assert transport.disconnecting
+    transport.clear()
+    h.exchange()
+    assert transport.value() == b"", "a request was written on a connection being closed"
+    assert len(h.reactor.tcpClients) == 2
+
+
 def test_chunkedResponseWithExtensionsAndTrailers() -> None:
     h = Harness()
     _, r, _ = h.exchange()
