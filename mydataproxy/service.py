@@ -27,8 +27,9 @@ from typing import Mapping
 
 import txaio
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredLock, gatherResults
+from twisted.internet import endpoints, tcp
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
@@ -129,12 +130,26 @@ class ListenerService(Service):
             except OSError as e:
                 raise ListenerError(f"mydataproxy: {self.name}: {e}") from None
 
-    def stopService(self) -> Deferred | None:
+    def stopService(self) -> None:
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
-        return None
+            closeNow(port)
+
+
+def closeNow(port: tcp.Port) -> None:
+    """
+    Stop listening on C{port} without resetting a connection: accept what
+    the kernel has queued (those are served, and, draining, closed after
+    their answer), then close the socket in the same reactor turn.
+
+    C{stopListening} closes the socket a turn later, and the kernel resets
+    every connection that completed its handshake in between: a balancer
+    that has not yet seen the readiness change sees failed requests.
+    """
+    port.stopReading()
+    port.doRead()
+    port.connectionLost(Failure(ConnectionDone("the listener closed")))
 
 
 class ProxyService(MultiService):
@@ -365,7 +380,9 @@ class ProxyService(MultiService):
             "draining: {n} client connections open, up to {s:g} s (daemon.shutdown_timeout)",
             n=sum(len(p.channels) for g in generations for p in g.proxies.values()), s=timeout,
         )
-        stopped = [each.stopService() for name, each in self.listeners.items() if name != "admin"]
+        for name, listener in self.listeners.items():
+            if name != "admin":
+                listener.stopService()
         for generation in generations:
             generation.drain()
         drained = Deferred()
@@ -389,7 +406,6 @@ class ProxyService(MultiService):
             drained.callback(None)
 
         check()
-        drained.addCallback(lambda _: gatherResults([d for d in stopped if d is not None]))
         drained.addCallback(lambda _: self._stopGenerations(generations))
         drained.addCallback(lambda _: super(ProxyService, self).stopService())
         return drained
