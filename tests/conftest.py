@@ -492,6 +492,11 @@ RELOAD_OK = re.compile(r"reload: generation (\d+) in force from (.+)$")
 RELOAD_FAILED = re.compile(r"reload failed, still on generation (\d+): (.+)$")
 
 
+def listenPort(description: str) -> int:
+    """The port of a listener's endpoint description (C{tcp:PORT...}, C{haproxy:tcp:PORT...})."""
+    return int(description.removeprefix("haproxy:").split(":")[1])
+
+
 class ProxyProcess:
     """One running C{twistd -n mydataproxy}."""
 
@@ -530,9 +535,9 @@ class ProxyProcess:
         self.config = config
         self.access_log = Path(config["logging"]["access_log"])
         forward = config.get("forward", {})
-        self.port = int(forward["listen"].split(":")[1]) if forward.get("enabled", True) else None
+        self.port = listenPort(forward["listen"]) if forward.get("enabled", True) else None
         reverse = config.get("reverse")
-        self.reverse_port = int(reverse.get("listen", "tcp:8080").split(":")[1]) if reverse else None
+        self.reverse_port = listenPort(reverse.get("listen", "tcp:8080")) if reverse else None
 
     def write_config(self, config: dict | str) -> None:
         """

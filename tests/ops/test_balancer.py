@@ -76,18 +76,9 @@ HAPROXY_AT_ONCE_SECONDS = 1.5
 
 
 class BalancedProxy(ProxyProcess):
-    """
-    One instance behind the balancer: its forward listener reads the PROXY
-    protocol (C{haproxy:tcp:...}), which L{ProxyProcess} does not parse for
-    its port; C{role} is C{"a"} or C{"b"}.
-    """
+    """One instance behind the balancer; C{role} is C{"a"} or C{"b"}."""
 
     role = ""
-
-    def _adopt(self, config: dict) -> None:
-        forward = config["forward"]
-        super()._adopt({**config, "forward": {**forward, "listen": forward["listen"].removeprefix("haproxy:")}})
-        self.config = config
 
     @property
     def ports(self) -> Instance:
