@@ -1,8 +1,9 @@
 """
 The supervisor's side of one worker process: spawning it with its file
-descriptors (L{mydataproxy.workers.worker} says which is which), reading
-its pipes, asking its private admin socket whether it is ready and what it
-counted, and telling how it ended.
+descriptors (L{mydataproxy.workers.worker} says which is which) and its
+channel for the connections handed to it (L{mydataproxy.workers.handoff}),
+reading its pipes, asking its private admin socket whether it is ready and
+what it counted, and telling how it ended.
 
 Each pipe is split into whole lines (L{LineSplitter}) before anything is
 done with them: a worker's access lines reach the log writer one whole line
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +30,11 @@ from twisted.python.failure import Failure
 
 from mydataproxy.ops.logs import LogWriter, eventFromLine
 from mydataproxy.ops.metrics import parseExposition
+from mydataproxy.workers.handoff import Channel
 from mydataproxy.workers.worker import (
     ACCESS_FD,
     EVENTS_FD,
-    FIRST_LISTENER_FD,
+    HANDOFF_FD,
     LIFELINE_FD,
     METRICS_FD,
     OPENMETRICS,
@@ -174,9 +177,14 @@ class WorkerProcess(ProcessProtocol):
 
     @param accessWriter: Where its access lines go (its generation's writer).
     @param onEnded: Called with this worker and how it ended, once.
+    @param onServing: Called when it may take more connections: it became
+        L{serving}, or its channel, full, can take more.
     @ivar state: L{STARTING} until its C{/readyz} first answers 200, then
         L{READY} or L{NOT_READY} as it answers; L{RETIRING} once told to
         stop; L{ENDED}.
+    @ivar channel: Where the connections handed to it go, from its spawn.
+    @ivar unread: The connections handed to it that it never read, taken
+        back from its channel as it ended (by listener name), for another.
     @ivar reasons: Why it is not ready, as it last said.
     @ivar snapshot: Its metric families as last scraped (or, once ended,
         as it wrote them at exit).
@@ -187,7 +195,7 @@ class WorkerProcess(ProcessProtocol):
 
     def __init__(
         self, reactor, index: int, generation: int, serial: int, directory: Path, accessWriter: LogWriter,
-        onEnded: Callable[[WorkerProcess, Failure], None],
+        onEnded: Callable[[WorkerProcess, Failure], None], onServing: Callable[[], None],
     ) -> None:
         self.reactor = reactor
         self.index = index
@@ -196,6 +204,10 @@ class WorkerProcess(ProcessProtocol):
         self.socketPath = str(directory / f"worker-{serial}.sock")
         self.accessWriter = accessWriter
         self.onEnded = onEnded
+        self.onServing = onServing
+        self.channel: Channel | None = None
+        self.unread: list[tuple[bytes, socket.socket]] = []
+        self.answering = False
         self.state = STARTING
         self.reasons: list[str] = ["starting"]
         self.pid: int | None = None
@@ -220,24 +232,38 @@ class WorkerProcess(ProcessProtocol):
         return self.state != ENDED
 
     @property
+    def serving(self) -> bool:
+        """
+        Whether connections may be handed to it: it has answered its last
+        C{/readyz} (even 503: with expired certificates every worker says
+        so, and a single process serves on too) and has not been told to stop.
+        """
+        return self.state in (READY, NOT_READY) and self.answering
+
+    @property
     def malformed(self) -> dict[str, int]:
         """Lines of its pipes dropped (too long, or cut by its end), by log: C{access}, C{error}."""
         return {name: each.tooLong + each.cut for name, each in (("access", self._access), ("error", self._events))}
 
-    def spawn(self, configPath: str | None, digest: str | None, sockets: dict[str, int]) -> None:
+    def spawn(self, configPath: str | None, digest: str | None, listeners: dict[str, str]) -> None:
         """
-        Start the process on the listening sockets C{sockets} (file
-        descriptors of this process, by listener name).
+        Start the process, to serve the connections of C{listeners} (their
+        listening addresses by name, as
+        L{mydataproxy.workers.handoff.describeAddress} writes them).
+
+        @raise OSError: If it cannot be started.
         """
+        self.channel = Channel(self.reactor, self.onServing)
         childFDs: dict[int, int | str] = {
             LIFELINE_FD: "w", 1: 1, 2: 2, ACCESS_FD: "r", EVENTS_FD: "r", METRICS_FD: "r",
+            HANDOFF_FD: self.channel.childFD,
         }
-        listeners = {}
-        for offset, (name, fd) in enumerate(sockets.items()):
-            childFDs[FIRST_LISTENER_FD + offset] = fd
-            listeners[name] = FIRST_LISTENER_FD + offset
         argv = workerCommand(configPath, digest, self.index, self.generation, self.socketPath, listeners)
-        process = self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs=childFDs)
+        try:
+            process = self.reactor.spawnProcess(self, argv[0], argv, env=dict(os.environ), childFDs=childFDs)
+        except OSError:
+            self.channel.close()
+            raise
         self.pid = process.pid
         self._schedulePoll(STARTING_POLL_SECONDS)
 
@@ -281,6 +307,7 @@ class WorkerProcess(ProcessProtocol):
         if self.state in (RETIRING, ENDED):
             return
         first = self.state == STARTING
+        before, self.answering = self.serving, True
         if status == 200:
             self.state, self.reasons = READY, []
         else:
@@ -292,9 +319,12 @@ class WorkerProcess(ProcessProtocol):
             for waiter in waiters:
                 if not waiter.called:  # a waiter may have given up (cancelled)
                     waiter.callback(None)
+        if not before:
+            self.onServing()
         self._schedulePoll(READY_POLL_SECONDS)
 
     def _unanswered(self, failure: Failure) -> None:
+        self.answering = False
         if self.state == STARTING:
             self._schedulePoll(STARTING_POLL_SECONDS)
         elif self.state not in (RETIRING, ENDED):
@@ -372,6 +402,9 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.state = ENDED
+        if self.channel is not None:
+            self.unread = self.channel.takeBack()
+            self.channel.close()
         self.ending = describeEnd(reason)
         if self._poll is not None and self._poll.active():
             self._poll.cancel()

@@ -1,18 +1,20 @@
 """
 The supervisor: with C{[daemon] workers = N} (N > 1), the twistd process
-binds the proxy listeners, runs N worker processes on them
-(L{mydataproxy.workers.worker}) and keeps them running; it serves no proxy
-traffic itself.
+binds the proxy listeners, accepts their connections and hands each to one
+of N worker processes (L{mydataproxy.workers.worker}), which it keeps
+running; it serves no proxy traffic itself.
 
-Listening sockets are bound once, here, and inherited by every worker
-(C{reactor.adoptStreamPort}), rather than bound by each worker with
-C{SO_REUSEPORT}: with one socket there is one accept queue, so a worker
-that dies or drains leaves the connections queued to the others (with
-C{SO_REUSEPORT} the kernel hashes each connection to one worker's own
-queue, and those queued to a dead worker are reset); privileged ports are
-bound once, before twistd drops its privileges; and an unchanged listener
-keeps its very socket across a reload, old and new workers accepting from
-it in turn.
+Listening sockets are bound once, here (privileged ports before twistd
+drops its privileges), and only the supervisor accepts on them: each
+connection's descriptor goes to a worker that serves, round robin, over a
+channel of that worker's own (L{mydataproxy.workers.handoff}, which says
+why not a socket shared by the workers, nor C{SO_REUSEPORT}: a burst of
+connections would land on one worker, and a dead worker's backlog would be
+lost).  An unchanged listener keeps its very socket across a reload; its
+connections go to the new generation once it is in force.  A worker told
+to stop (a reload, SIGTERM) is handed nothing more, and one that dies loses
+only the connections it had taken: those still queued to it are taken back
+and handed to another.
 
 What the supervisor does:
 
@@ -39,10 +41,11 @@ What the supervisor does:
     the old settings) and close what the new one does not use.  Anything
     failing on the way (the file, a store, a port taken, a worker that does
     not get ready) leaves the old generation in force, and says why.
-  - B{SIGTERM}: readiness off at once, SIGTERM to every worker (they
-    drain), up to C{daemon.shutdown_timeout} plus a margin, then SIGKILL;
-    a second SIGTERM or SIGINT is passed on (the workers cut at once).  The
-    admin listener stops last, the logs after that.
+  - B{SIGTERM}: readiness off and the listening sockets closed at once,
+    SIGTERM to every worker (they drain), up to C{daemon.shutdown_timeout}
+    plus a margin, then SIGKILL; a second SIGTERM or SIGINT is passed on
+    (the workers cut at once).  The admin listener stops last, the logs
+    after that.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import txaio
 from prometheus_client import CollectorRegistry, Counter
@@ -61,6 +65,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, FirstError, gatherResults
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
@@ -77,6 +82,7 @@ from mydataproxy.ops.metrics import aggregate, cumulative
 from mydataproxy.ops.reloadstatus import writeStatus
 from mydataproxy.ops.syslog import SyslogObserver
 from mydataproxy.service import ListenerError, listenNow
+from mydataproxy.workers.handoff import Acceptor, Channel, describeAddress
 from mydataproxy.workers.process import ENDED, NOT_READY, READY, RETIRING, STARTING, WorkerProcess
 from mydataproxy.workers.worker import configDigest
 
@@ -97,43 +103,60 @@ class ReloadError(Exception):
     """A reload that cannot take (beyond the configuration's own errors)."""
 
 
-class WorkersOnly(Factory):
-    """The factory of a socket bound for the workers: this process never accepts on it."""
+class HandedOver(Factory):
+    """The factory of a bound socket's port, which never accepts: its L{Acceptor} does."""
 
     noisy = False
 
 
 class BoundSocket:
-    """A listening socket bound once by the supervisor, which never accepts on it: its workers do."""
+    """
+    A listening socket bound once by the supervisor, through Twisted's
+    endpoint (the very descriptions, binding and errors of a single
+    process), and accepted on by an L{Acceptor} on a copy of it; the port
+    itself is never read.
 
-    def __init__(self, name: str, description: str, port: IListeningPort) -> None:
+    @param receivers: The channels its connections may go to now.
+    """
+
+    def __init__(self, reactor, name: str, description: str, port: IListeningPort,
+                 receivers: Callable[[BoundSocket], list[Channel]]) -> None:
         self.name = name
         self.description = description
         self.port = port
+        self.address = describeAddress(port.getHost())
+        listening = socket.socket(fileno=os.dup(port.fileno()))
+        self.acceptor = Acceptor(reactor, name, listening, lambda: receivers(self))
+        self.closing = False
         self.closed = False
 
-    @property
-    def fd(self) -> int:
-        return self.port.fileno()
-
-    def close(self) -> Deferred | None:
-        """Close the supervisor's own copy, once (workers hold theirs until they stop listening)."""
+    def close(self) -> None:
+        """
+        Stop accepting and close the socket, once, resetting no connection:
+        those queued are accepted and handed over, then the socket is
+        closed in the same reactor turn (L{mydataproxy.service.closeNow}'s
+        reason: C{stopListening} would close it a turn later, and every
+        connection queued meanwhile would be reset).
+        """
         if self.closed:
-            return None
+            return
+        self.closing = True
+        self.acceptor.stop()
         self.closed = True
-        return self.port.stopListening()
+        self.port.connectionLost(Failure(ConnectionDone("the listener closed")))
 
 
-def bindOnce(reactor, name: str, description: str) -> BoundSocket:
+def bindOnce(reactor, name: str, description: str, receivers: Callable[[BoundSocket], list[Channel]]) -> BoundSocket:
     """
-    Bind C{description} for workers to inherit.
+    Bind C{description}, for its connections to be handed to the workers
+    that C{receivers} gives.
 
     @raise OSError: If it cannot be bound.
     """
-    port = listenNow(reactor, description, WorkersOnly())
+    port = listenNow(reactor, description, HandedOver())
     port.stopReading()
-    log.info("{name} bound on {address} for the workers", name=name, address=port.getHost())
-    return BoundSocket(name, description, port)
+    log.info("{name} bound on {address}, its connections handed to the workers", name=name, address=port.getHost())
+    return BoundSocket(reactor, name, description, port, receivers)
 
 
 def proxyListeners(settings: Settings) -> dict[str, str]:
@@ -409,19 +432,45 @@ class Supervisor(Service):
         self._serial += 1
         worker = WorkerProcess(
             self.reactor, index, generation.number, self._serial, self.runDirectory, generation.accessWriter,
-            self._workerEnded,
+            self._workerEnded, self._resume,
         )
-        worker.spawn(self.configPath, generation.digest, {name: s.fd for name, s in generation.sockets.items()})
+        worker.spawn(self.configPath, generation.digest, {name: s.address for name, s in generation.sockets.items()})
         generation.slots[index] = worker
         generation.workers.append(worker)
         log.info("{name} started", name=worker.name)
         return worker
+
+    def _receivers(self, bound: BoundSocket) -> list[Channel]:
+        """
+        Where C{bound}'s connections go now: the workers of the generation
+        in force that serve, if that generation listens there or C{bound}
+        is closing (its last connections); none while draining, and none
+        for a socket a reload bound until it is in force.
+        """
+        current = self.current
+        if self.draining or not (bound.closing or bound in current.sockets.values()):
+            return []
+        return [w.channel for w in current.slots if w is not None and w.serving and w.channel is not None]
+
+    def _resume(self) -> None:
+        """A worker may take connections now: every socket hands over what waits, and accepts again."""
+        for bound in {s for g in self._generations() for s in g.sockets.values() if not s.closed}:
+            bound.acceptor.resume()
 
     def _workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         self._retired = aggregate([self._retired, cumulative(worker.snapshot)])
         for name, count in worker.malformed.items():
             self._lost[name, "malformed"] += count
         generation = next((g for g in self._generations() if worker in g.workers), None)
+        unread, worker.unread = worker.unread, []
+        if unread:
+            log.info("{name} left {n} connections unread: handed to another worker", name=worker.name, n=len(unread))
+        for name, connection in unread:
+            bound = generation.sockets.get(name.decode("utf-8", "replace")) if generation is not None else None
+            if bound is None or bound.closed:
+                connection.close()
+            else:
+                bound.acceptor.takeBack(connection)
         if generation is None:
             return
         generation.workers.remove(worker)
@@ -482,7 +531,7 @@ class Supervisor(Service):
         name = ""
         try:
             for name, description in proxyListeners(generation.settings).items():
-                generation.sockets[name] = bindOnce(self.reactor, name, description)
+                generation.sockets[name] = bindOnce(self.reactor, name, description, self._receivers)
             admin = generation.settings.admin
             if admin is not None:
                 name = "admin"
@@ -541,12 +590,14 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred:
         """
-        Drain: readiness off, SIGTERM to every worker, SIGKILL to those
-        still running after C{shutdown_timeout} and a margin (a second
-        SIGTERM or SIGINT: passed on, the workers cut at once); then close
-        the sockets, and the admin listener last.
+        Drain: readiness off and the listening sockets closed, SIGTERM to
+        every worker, SIGKILL to those still running after
+        C{shutdown_timeout} and a margin (a second SIGTERM or SIGINT: passed
+        on, the workers cut at once); the admin listener stops last.
         """
         super().stopService()
+        for bound in {s for g in self._generations() for s in g.sockets.values()}:
+            bound.close()
         self.draining = True
         for generation in self._generations():
             generation.cancelRestarts()
@@ -566,15 +617,12 @@ class Supervisor(Service):
         )
         ended = DeferredList([worker.whenEnded() for worker in workers])
 
-        def closed(_) -> Deferred:
+        def exited(_) -> None:
             if deadline.active():
                 deadline.cancel()
             log.info("every worker has exited")
-            sockets = {s for g in self._generations() for s in g.sockets.values()}
-            stops = [s.close() for s in sockets]
-            return DeferredList([d for d in stops if d is not None])
 
-        ended.addCallback(closed)
+        ended.addCallback(exited)
         ended.addCallback(lambda _: self._admin.stopListening() if self._admin is not None else None)
         return ended
 
@@ -641,7 +689,7 @@ class Supervisor(Service):
                     sockets[name] = kept
                     continue
                 try:
-                    sockets[name] = bindOnce(self.reactor, name, description)
+                    sockets[name] = bindOnce(self.reactor, name, description, self._receivers)
                 except OSError as e:
                     raise ConfigError(settings.source, f"{name}.listen", str(e)) from None
                 bound.append(sockets[name])
@@ -712,6 +760,7 @@ class Supervisor(Service):
         for each in old.sockets.values():
             if each not in kept:
                 each.close()
+        self._resume()
         if prepared.adminChanged:
             if self._admin is not None:
                 self._admin.stopListening()

@@ -6,9 +6,12 @@ It loads the configuration with start-up's own code (L{config.load},
 L{loadMaterial}), refuses a file whose SHA-256 is not the one the supervisor
 validated (the operator may have edited it since; a worker never runs a
 configuration its supervisor did not check), and runs the ordinary service
-(L{makeService}) on the listening sockets the supervisor bound, adopted
-instead of bound.  What differs from a single process is only where things
-go, through the file descriptors the supervisor set up:
+(L{makeService}) on the connections the supervisor accepted and hands to it
+(L{mydataproxy.workers.handoff}: the worker holds no listening socket), each
+adopted with the factory in force for its listener, so that draining and
+everything else behave as for a connection it had accepted itself.  What
+differs from a single process is only where things come from and go,
+through the file descriptors the supervisor set up:
 
   - fd 0, the lifeline: a pipe the supervisor never writes.  It reads as
     end-of-file once the supervisor is gone, however it died (SIGKILL
@@ -26,8 +29,11 @@ go, through the file descriptors the supervisor set up:
     the supervisor logs as its own (twistd's output, the error log, syslog);
   - fd 5, this worker's final metrics, written once as it exits, so that
     the supervisor's totals lose nothing the worker counted;
-  - fds 6 and up, the listening sockets, named on the command line
-    (C{--listen forward=6}).
+  - fd 6, the channel of the handed connections (a C{SOCK_SEQPACKET} socket,
+    one connection a message, naming its listener); the listeners it serves
+    are named on the command line with the supervisor's listening address
+    (C{--listen forward=TCP:127.0.0.1:9000}).  SIGTERM stops it: what was
+    sent before is still adopted (and drained), then the channel is closed.
 
 The worker serves no public admin listener: its C{/readyz} and C{/metrics}
 are on a private UNIX socket (C{--admin-socket}) in the supervisor's 0700
@@ -62,6 +68,7 @@ from mydataproxy.material import Material, loadMaterial
 from mydataproxy.ops.logs import EventLog
 from mydataproxy.ops.metrics import METRICS
 from mydataproxy.service import ProxyService, makeService
+from mydataproxy.workers.handoff import HandedConnections, parseAddress
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -70,7 +77,7 @@ LIFELINE_FD = 0
 ACCESS_FD = 3
 EVENTS_FD = 4
 METRICS_FD = 5
-FIRST_LISTENER_FD = 6
+HANDOFF_FD = 6
 
 #: The worker's exit status when it refuses its configuration.
 EXIT_CONFIG = os.EX_CONFIG
@@ -97,20 +104,21 @@ def configDigest(path: str) -> str:
 
 def workerCommand(
     configPath: str | None, digest: str | None, index: int, generation: int, adminSocket: str,
-    listeners: Mapping[str, int],
+    listeners: Mapping[str, str],
 ) -> list[str]:
     """
     The command line of a worker.
 
-    @param listeners: The child file descriptor of each listening socket,
-        by listener name.
+    @param listeners: The listening address of each listener whose
+        connections it is handed, by name (as
+        L{mydataproxy.workers.handoff.describeAddress} writes them).
     """
     argv = [sys.executable, "-m", "mydataproxy.workers", "--index", str(index),
             "--generation", str(generation), "--admin-socket", adminSocket]
     if configPath is not None:
         argv += ["--config", configPath, "--sha256", digest or ""]
-    for name, fd in listeners.items():
-        argv += ["--listen", f"{name}={fd}"]
+    for name, where in listeners.items():
+        argv += ["--listen", f"{name}={where}"]
     return argv
 
 
@@ -136,12 +144,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--generation", type=int, required=True)
     parser.add_argument("--admin-socket", required=True)
-    parser.add_argument("--listen", action="append", default=[], metavar="NAME=FD")
+    parser.add_argument("--listen", action="append", default=[], metavar="NAME=ADDRESS")
     options = parser.parse_args(argv)
     listeners = {}
     for each in options.listen:
-        name, _, fd = each.partition("=")
-        listeners[name] = int(fd)
+        name, _, where = each.partition("=")
+        listeners[name] = parseAddress(where)
     options.listeners = listeners
     return options
 
@@ -264,9 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 index=options.index, generation=options.generation, e=str(e),
             )
             return EXIT_CONFIG
-        service: ProxyService = makeService(
-            workerSettings(settings, options.admin_socket), material, reactor, inherited=options.listeners
-        )
+        service: ProxyService = makeService(workerSettings(settings, options.admin_socket), material, reactor)
+        handed = HandedConnections(reactor, HANDOFF_FD)
+        for name, where in options.listeners.items():
+            listener = service.listeners.get(name)
+            if listener is not None:
+                # A port of its own: the service neither binds nor adopts a listening socket for it.
+                listener.port = handed.port(name, listener.factory, where)
+                log.info("{name}: serving the connections the supervisor accepts on {address}",
+                         name=name, address=where)
         try:
             service.privilegedStartService()
         except SystemExit as e:
@@ -277,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_START
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         service.startService()
+        handed.start()
         lifeline = Lifeline(reactor, f"worker {options.index} of generation {options.generation}")
         lifeline.start()
         reactor.callWhenRunning(_ignoreSignals)

@@ -1,7 +1,8 @@
 """
 C{[daemon] workers = 2}, end to end with real processes on loopback: the
-supervisor binds the forward and reverse listeners once and both workers
-accept on those very sockets; both serve; their access lines reach one file
+supervisor binds the forward and reverse listeners once and is the only
+process listening on them (it hands the connections to the workers); both
+serve; their access lines reach one file
 whole; /metrics sums them and /readyz asks each; a worker killed with
 SIGKILL is restarted while the other serves; SIGTERM drains every worker, a
 second one cuts; SIGHUP puts a new generation in force (under load, with no
@@ -22,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import BIN, LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, to_toml
+from conftest import (
+    BIN, LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, process_tcp_sockets, to_toml,
+)
 from recording_origin import RecordingOrigin
 from supervised import (
     admin_socket, alive, requests_counted, samples, socket_inodes, start_supervised, unix_get,
@@ -49,14 +52,12 @@ def get(proxy, origin: RecordingOrigin, path: str) -> tuple[int, bytes]:
 
 def listening_inode(pid: int, port: int) -> str:
     """The inode of the socket process C{pid} listens on C{port} with."""
-    from conftest import process_tcp_sockets
-
     found = {s.inode for s in process_tcp_sockets(pid) if s.state == "LISTEN" and s.local[1] == port}
     assert len(found) == 1, f"pid {pid} listens on port {port} with {found}"
     return found.pop()
 
 
-def test_two_workers_share_one_socket_and_both_serve(proxy_factory, recording) -> None:
+def test_only_the_supervisor_listens_and_both_workers_serve(proxy_factory, recording) -> None:
     reverse = {"listen": f"tcp:{get_free_port()}:interface={LOOPBACK}",
                "routes": [{"prefix": "/api/", "backends": [recording.url + "/base/"], "name": "api"}]}
     supervised = start_supervised(proxy_factory, reverse=reverse)
@@ -66,7 +67,8 @@ def test_two_workers_share_one_socket_and_both_serve(proxy_factory, recording) -
     for port in (proxy.port, proxy.reverse_port):
         bound = listening_inode(supervised.pid, port)
         for pid in workers:
-            assert bound in socket_inodes(pid), f"worker {pid} does not hold the supervisor's socket for {port}"
+            assert bound not in socket_inodes(pid), f"worker {pid} holds the supervisor's socket for {port}"
+            assert not [s for s in process_tcp_sockets(pid) if s.state == "LISTEN"], f"worker {pid} listens"
     with RawConnection(proxy.reverse_port, timeout=10) as c:
         c.send(build_request("GET", "/api/x?q=1", [("Host", "public.example"), ("Connection", "close")]))
         assert c.read_response().status == 200
@@ -156,8 +158,6 @@ def test_sighup_puts_a_new_generation_in_force_and_a_broken_file_changes_nothing
         time.sleep(0.05)
     new = supervised.wait_ready(2, other_than=tuple(old))
     assert listening_inode(supervised.pid, proxy.port) == bound, "an unchanged listener was bound anew"
-    for pid in new:
-        assert bound in socket_inodes(pid)
     logged = proxy.wait_access_lines(lambda line: "/gen2" in line)
     assert logged and logged[0].get("rule") == "egress.rules[0] no origin"
     # A broken file changes nothing.
