@@ -42,6 +42,7 @@ from mydataproxy.material import Material, loadMaterial
 from mydataproxy.ops.admin import adminSite
 from mydataproxy.ops.metrics import METRICS
 from mydataproxy.ops.reloadstatus import writeStatus
+from mydataproxy.server.proxyheader import ProxyHeaderFactory, proxiedListen
 
 txaio.use_twisted()
 log = txaio.make_logger()
@@ -79,10 +80,15 @@ def listenNow(reactor, description: str, factory: Factory, inherited: int | None
     """
     Listen on C{description} (or adopt the listening socket C{inherited},
     a file descriptor a supervisor bound: the port holds its own copy, and
-    C{inherited} is closed), at once.
+    C{inherited} is closed), at once.  A C{haproxy:} description reads the
+    PROXY protocol header with our own L{ProxyHeaderFactory} (Twisted's
+    loses half-close, and counts the balancer as the client).
 
     @raise OSError: Naming the endpoint, if it cannot listen.
     """
+    description, proxied = proxiedListen(description)
+    if proxied:
+        factory = ProxyHeaderFactory(factory, reactor)
     if inherited is not None:
         with socket.socket(fileno=os.dup(inherited)) as probe:
             family = probe.family
