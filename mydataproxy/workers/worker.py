@@ -67,6 +67,7 @@ from mydataproxy.config import AdminSettings, ConfigError, LoggingSettings, Sett
 from mydataproxy.material import Material, loadMaterial
 from mydataproxy.ops.logs import EventLog
 from mydataproxy.ops.metrics import METRICS
+from mydataproxy.server.proxyheader import ProxyHeaderFactory, proxiedListen
 from mydataproxy.service import ProxyService, makeService
 from mydataproxy.workers.handoff import HandedConnections, parseAddress
 
@@ -277,8 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, where in options.listeners.items():
             listener = service.listeners.get(name)
             if listener is not None:
-                # A port of its own: the service neither binds nor adopts a listening socket for it.
-                listener.port = handed.port(name, listener.factory, where)
+                # A port of its own: the service neither binds nor adopts a
+                # listening socket for it.  A haproxy: listener's connections
+                # start with the PROXY header, as listenNow has them read.
+                factory = listener.factory
+                if proxiedListen(listener.description)[1]:
+                    factory = ProxyHeaderFactory(factory, reactor)
+                listener.port = handed.port(name, factory, where)
                 log.info("{name}: serving the connections the supervisor accepts on {address}",
                          name=name, address=where)
         try:

@@ -5,7 +5,8 @@ or an API gateway's pool filling at start-up, does) is served by both
 workers of C{workers = 2} in even shares; every connection is held by
 exactly one worker and none by the supervisor once handed over; the
 connections handed to a worker that dies before it reads them are taken
-back and served by the other; the connections of a TLS listener are handed
+back and served by the other; the connections of a TLS listener, and those
+of a C{haproxy:} listener (the PROXY header read by the worker), are handed
 over like any other.
 """
 
@@ -18,7 +19,7 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import LOOPBACK, RawConnection, build_request, process_tcp_sockets
+from conftest import LOOPBACK, RawConnection, build_request, get_free_port, process_tcp_sockets
 from recording_origin import RecordingOrigin
 from supervised import admin_socket, alive, requests_counted, start_supervised, unix_get
 
@@ -124,5 +125,24 @@ def test_a_tls_listener_through_the_workers(proxy_factory, tls_files, tmp_path) 
         served = [requests_counted(unix_get(admin_socket(pid), "/metrics")[1]) for pid in supervised.workers()]
         assert sum(served) == 16 and min(served) > 0, f"TLS requests by worker: {served}"
         assert len(origin.requests) == 16
+    finally:
+        origin.close()
+
+
+def test_a_proxy_protocol_listener_through_the_workers(proxy_factory) -> None:
+    origin = RecordingOrigin()
+    port = get_free_port()
+    supervised = start_supervised(proxy_factory, forward={"listen": f"haproxy:tcp:{port}:interface={LOOPBACK}"})
+    try:
+        for n in range(4):
+            with RawConnection(port, timeout=10) as c:
+                c.send(f"PROXY TCP4 198.51.100.{n} {LOOPBACK} {40000 + n} {port}\r\n".encode())
+                c.send(build_request("GET", f"{origin.url}/proxied/{n}", [("Host", origin.authority),
+                                                                         ("Connection", "close")]))
+                assert c.read_response().status == 200
+        lines = supervised.proxy.wait_access_lines(lambda line: "/proxied/" in line, count=4)
+        assert sorted(line["client"] for line in lines) == [f"198.51.100.{n}:{40000 + n}" for n in range(4)]
+        served = [requests_counted(unix_get(admin_socket(pid), "/metrics")[1]) for pid in supervised.workers()]
+        assert sum(served) == 4 and min(served) > 0, f"requests by worker: {served}"
     finally:
         origin.close()
