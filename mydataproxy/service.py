@@ -362,7 +362,11 @@ class ProxyService(MultiService):
         if self.draining:
             return
         for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, lambda signum, frame: self.reactor.callFromThread(self.reactor.stop))
+            signal.signal(number, lambda signum, frame: self.reactor.callFromThread(self._stopOn, signum))
+
+    def _stopOn(self, number: int) -> None:
+        log.info("{signal}: stopping", signal=signal.Signals(number).name)
+        self.reactor.stop()
 
     def reopenLogs(self) -> None:
         """Open the log files afresh (SIGUSR1)."""

@@ -949,7 +949,7 @@ def test_wrappersStartStatusStop(wrapper_env) -> None:
     assert (stop.returncode, stop.stdout) == (0, f"MyData Proxy (pid {pid}) stopped\n")
     assert not Path(f"/proc/{pid}/cmdline").exists() or Path(f"/proc/{pid}/cmdline").read_bytes() == b""
     console = Path(env["MYDATAPROXY_CONSOLE"]).read_text()
-    assert DONE in console and "Received SIGTERM" in console
+    assert "reload: generation 2 in force" in console and "SIGTERM: stopping" in console
     assert script("sp.sh", env).returncode == 3
     assert script("kill.sh", env).stdout.startswith("MyData Proxy is not running")
 
