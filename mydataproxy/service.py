@@ -22,12 +22,11 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import socket
-from typing import Mapping
+from typing import Callable, Mapping, Protocol
 
 import txaio
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints, tcp
+from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
@@ -76,25 +75,24 @@ class CurrentFactory(Factory):
         return self.current.buildProtocol(addr)
 
 
-def listenNow(reactor, description: str, factory: Factory, inherited: int | None = None) -> IListeningPort:
+def listenerFactory(reactor, description: str, factory: Factory) -> tuple[str, Factory]:
     """
-    Listen on C{description} (or adopt the listening socket C{inherited},
-    a file descriptor a supervisor bound: the port holds its own copy, and
-    C{inherited} is closed), at once.  A C{haproxy:} description reads the
-    PROXY protocol header with our own L{ProxyHeaderFactory} (Twisted's
+    The endpoint to bind for a listener's C{description}, and the factory
+    its connections go to: a C{haproxy:} description reads the PROXY
+    protocol header first, with our own L{ProxyHeaderFactory} (Twisted's
     loses half-close, and counts the balancer as the client).
+    """
+    description, proxied = proxiedListen(description)
+    return description, ProxyHeaderFactory(factory, reactor) if proxied else factory
+
+
+def listenNow(reactor, description: str, factory: Factory) -> IListeningPort:
+    """
+    Listen on C{description} at once.
 
     @raise OSError: Naming the endpoint, if it cannot listen.
     """
-    description, proxied = proxiedListen(description)
-    if proxied:
-        factory = ProxyHeaderFactory(factory, reactor)
-    if inherited is not None:
-        with socket.socket(fileno=os.dup(inherited)) as probe:
-            family = probe.family
-        port = reactor.adoptStreamPort(inherited, family, factory)
-        os.close(inherited)
-        return port
+    description, factory = listenerFactory(reactor, description, factory)
     outcome: list = []
     endpoints.serverFromString(reactor, description).listen(factory).addBoth(outcome.append)
     if not outcome:
@@ -102,6 +100,12 @@ def listenNow(reactor, description: str, factory: Factory, inherited: int | None
     if isinstance(outcome[0], Failure):
         raise OSError(f"cannot listen on {description}: {outcome[0].getErrorMessage()}")
     return outcome[0]
+
+
+#: How a listener gets its connections when it does not bind its own
+#: socket (a worker, whose supervisor accepts them): given the factory,
+#: the port that hands them to it.
+PortMaker = Callable[[Factory], IListeningPort]
 
 
 class ListenerService(Service):
@@ -115,17 +119,22 @@ class ListenerService(Service):
     @ivar factory: The L{CurrentFactory} the port listens through.
     """
 
-    def __init__(self, name: str, description: str, factory: Factory, reactor, inherited: int | None = None) -> None:
+    def __init__(
+        self, name: str, description: str, factory: Factory, reactor, makePort: PortMaker | None = None
+    ) -> None:
         self.setName(name)
         self.description = description
         self.factory = CurrentFactory(factory)
         self.reactor = reactor
-        self.inherited = inherited
+        self.makePort = makePort
         self.port: IListeningPort | None = None
 
     def listen(self) -> None:
         """Listen now (a reload binds before it swaps). @raise OSError: If it cannot."""
-        self.port = listenNow(self.reactor, self.description, self.factory, self.inherited)
+        if self.makePort is None:
+            self.port = listenNow(self.reactor, self.description, self.factory)
+        else:
+            self.port = self.makePort(listenerFactory(self.reactor, self.description, self.factory)[1])
         log.info("{name} listening on {address}", name=self.name, address=self.port.getHost())
 
     def privilegedStartService(self) -> None:
@@ -143,7 +152,17 @@ class ListenerService(Service):
             closeNow(port)
 
 
-def closeNow(port: tcp.Port) -> None:
+class ClosablePort(Protocol):
+    """A listening port as Twisted's C{tcp.Port} is one: a read descriptor that accepts in C{doRead}."""
+
+    def stopReading(self) -> None: ...
+
+    def doRead(self) -> object: ...
+
+    def connectionLost(self, reason: Failure) -> None: ...
+
+
+def closeNow(port: ClosablePort) -> None:
     """
     Stop listening on C{port} without resetting a connection: accept what
     the kernel has queued (those are served, and, draining, closed after
@@ -164,8 +183,9 @@ class ProxyService(MultiService):
     loaded from them (by L{loadMaterial}: the service loads nothing itself
     at start).
 
-    @param inherited: Listening sockets a supervisor bound, by listener
-        name (C{forward}, C{reverse}): adopted instead of bound.
+    @param ports: For the listeners (by name: C{forward}, C{reverse}) that
+        bind no socket of their own, how they get their connections (a
+        worker's, from its supervisor).
     @param statusPath: Where to write each load's outcome for C{mydataproxy
         reload} (L{mydataproxy.ops.reloadstatus}), or L{None}.
     @ivar generation: The configuration in force.
@@ -174,11 +194,11 @@ class ProxyService(MultiService):
 
     def __init__(
         self, settings: Settings, material: Material, reactor,
-        inherited: Mapping[str, int] | None = None, statusPath: str | None = None,
+        ports: Mapping[str, PortMaker] | None = None, statusPath: str | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        self.inherited = dict(inherited or {})
+        self.ports = dict(ports or {})
         self.statusPath = statusPath
         self.generation = Generation(1, settings, material, reactor)
         self.retiring: list[Generation] = []
@@ -186,7 +206,7 @@ class ProxyService(MultiService):
         self.admin = adminSite(self.notReady, METRICS.registry)
         for name, description in self.generation.listens().items():
             listener = ListenerService(
-                name, description, self._factoryFor(self.generation, name), reactor, self.inherited.get(name)
+                name, description, self._factoryFor(self.generation, name), reactor, self.ports.get(name)
             )
             listener.setServiceParent(self)
             self.listeners[name] = listener
@@ -286,9 +306,9 @@ class ProxyService(MultiService):
                 current = self.listeners.get(name)
                 if current is not None and current.description == description:
                     continue
-                if name in self.inherited:
+                if name in self.ports:
                     raise ConfigError(settings.source, f"{name}.listen",
-                                      "a worker cannot change the listener its supervisor bound")
+                                      "a worker cannot change the listener its supervisor binds")
                 listener = ListenerService(name, description, self._factoryFor(new, name), self.reactor)
                 try:
                     listener.listen()
@@ -466,14 +486,14 @@ def _reportMaterial(material: Material) -> None:
 
 def makeService(
     settings: Settings, material: Material | None = None, reactor=None,
-    inherited: Mapping[str, int] | None = None, statusPath: str | None = None,
+    ports: Mapping[str, PortMaker] | None = None, statusPath: str | None = None,
 ) -> ProxyService:
     """
     Build the daemon's service tree (nothing listens until it starts).
 
     @param material: What L{loadMaterial} loaded from C{settings}; loaded
         here when not given.
-    @param inherited: Listening sockets to adopt, by listener name.
+    @param ports: How the listeners that bind no socket get their connections.
     @param statusPath: Where each load's outcome is written, or L{None}.
     @raise ConfigError: If C{material} is not given and cannot be loaded.
     """
@@ -481,4 +501,4 @@ def makeService(
         from twisted.internet import reactor
     if material is None:
         material = loadMaterial(settings)
-    return ProxyService(settings, material, reactor, inherited, statusPath)
+    return ProxyService(settings, material, reactor, ports, statusPath)

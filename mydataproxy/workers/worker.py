@@ -57,7 +57,8 @@ import txaio
 from twisted.internet import fdesc
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.protocol import Factory
 from twisted.logger import globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -67,8 +68,7 @@ from mydataproxy.config import AdminSettings, ConfigError, LoggingSettings, Sett
 from mydataproxy.material import Material, loadMaterial
 from mydataproxy.ops.logs import EventLog
 from mydataproxy.ops.metrics import METRICS
-from mydataproxy.server.proxyheader import ProxyHeaderFactory, proxiedListen
-from mydataproxy.service import ProxyService, makeService
+from mydataproxy.service import PortMaker, ProxyService, makeService
 from mydataproxy.workers.handoff import HandedConnections, parseAddress
 
 txaio.use_twisted()
@@ -273,20 +273,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 index=options.index, generation=options.generation, e=str(e),
             )
             return EXIT_CONFIG
-        service: ProxyService = makeService(workerSettings(settings, options.admin_socket), material, reactor)
         handed = HandedConnections(reactor, HANDOFF_FD)
-        for name, where in options.listeners.items():
-            listener = service.listeners.get(name)
-            if listener is not None:
-                # A port of its own: the service neither binds nor adopts a
-                # listening socket for it.  A haproxy: listener's connections
-                # start with the PROXY header, as listenNow has them read.
-                factory = listener.factory
-                if proxiedListen(listener.description)[1]:
-                    factory = ProxyHeaderFactory(factory, reactor)
-                listener.port = handed.port(name, factory, where)
+
+        def handedPort(name: str, where: str) -> PortMaker:
+            def makePort(factory: Factory) -> IListeningPort:
                 log.info("{name}: serving the connections the supervisor accepts on {address}",
                          name=name, address=where)
+                return handed.port(name, factory, where)
+
+            return makePort
+
+        ports = {name: handedPort(name, where) for name, where in options.listeners.items()}
+        service: ProxyService = makeService(
+            workerSettings(settings, options.admin_socket), material, reactor, ports=ports
+        )
         try:
             service.privilegedStartService()
         except SystemExit as e:
