@@ -7,8 +7,9 @@ The service runs one generation, and on SIGHUP builds the next beside it:
 the new one takes the new connections, the old one L{retire}s (its idle
 keep-alive connections close, the requests in flight finish on the settings
 they were admitted under) and stops when its last connection has ended.
-Logs whose settings did not change are handed on rather than opened twice,
-so a file has one writer (one rotation, one hash chain).
+Logs on unchanged paths are handed on (and told the other new settings:
+format, rotation, the chain) rather than opened twice, so a file has one
+writer (one rotation, one hash chain).
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ class Generation:
         self.reactor = reactor
         logging = settings.logging
         host = socket.gethostname()
-        kept = previous is not None and previous.settings.logging == logging
-        self.accessLog = previous.accessLog if kept else AccessLog(logging.accessPath(host), reactor, logging)
         errorPath = logging.errorPath(host)
+        # The same files (and syslog): the logs are taken over, and told
+        # any other new setting at start.
+        kept = previous is not None and (logging.accessPath(host), errorPath, logging.syslog, logging.syslog_facility) == (
+            previous.accessLog.path, previous.errorLog.path if previous.errorLog else "",
+            previous.settings.logging.syslog, previous.settings.logging.syslog_facility,
+        )
+        self.accessLog = previous.accessLog if kept else AccessLog(logging.accessPath(host), reactor, logging)
         if kept:
             self.errorLog, self.syslog = previous.errorLog, previous.syslog
         else:
@@ -132,9 +138,14 @@ class Generation:
         observers, the authenticator's threads, the factories and the
         metrics' view.
         """
-        applyLevels(self.settings.logging)
+        logging = self.settings.logging
+        applyLevels(logging)
         if previous is not None and not self._opensLogs:
             previous._ownsLogs = False
+            if previous.settings.logging != logging:
+                self.accessLog.reconfigure(logging)
+                if self.errorLog is not None:
+                    self.errorLog.reconfigure(logging)
         if self._opensLogs:
             for observer in (previous.errorLog, previous.syslog) if previous is not None else ():
                 if observer is not None:

@@ -58,10 +58,26 @@ def test_unchangedLoggingIsHandedOver(tmp_path: Path) -> None:
     assert not writes(new, "after the stop", timeout=0.3)
 
 
-def test_changedLoggingOpensItsOwn(tmp_path: Path) -> None:
+def test_newSettingsOnTheSamePathAreTold(tmp_path: Path) -> None:
+    """Same file, new format: one writer still, and the new lines in the new format."""
+    reactor = MemoryReactorClock()
+    old = running(1, settingsLogging(tmp_path / "access.log"), reactor)
+    new = running(2, settingsLogging(tmp_path / "access.log", format="json"), reactor, old)
+    try:
+        assert new.accessLog is old.accessLog
+        old.retire(lambda generation: None)
+        new.accessLog.record(client="127.0.0.1:1", method="GET", target="/j", status=200, bytesIn=0, bytesOut=0,
+                             seconds=0.0, upstream="")
+        assert writes(new, "probe")
+        assert any(line.startswith("{") and '"/j"' in line for line in (tmp_path / "access.log").read_text().splitlines())
+    finally:
+        new.stop()
+
+
+def test_changedPathOpensItsOwn(tmp_path: Path) -> None:
     reactor = MemoryReactorClock()
     old = running(1, settingsLogging(tmp_path / "old.log"), reactor)
-    new = running(2, settingsLogging(tmp_path / "old.log", format="json"), reactor, old)
+    new = running(2, settingsLogging(tmp_path / "new.log"), reactor, old)
     try:
         assert new.accessLog is not old.accessLog
         retired: list[Generation] = []

@@ -342,7 +342,16 @@ class AccessLog:
         self.path = path
         self.writer = LogWriter(path, "access log", reactor, settings, now, chained=settings.tamper_evident)
         self._timestamp = Timestamps(settings.time == "local")
-        self._format = {"keyvalue": self._keyValue, "combined": self._combined, "json": self._json}[settings.format]
+        self._format = self._formatFor(settings)
+
+    def _formatFor(self, settings: LoggingSettings):
+        return {"keyvalue": self._keyValue, "combined": self._combined, "json": self._json}[settings.format]
+
+    def reconfigure(self, settings: LoggingSettings) -> None:
+        """Go on with new settings on the same path: format, time zone, rotation, retention, the chain."""
+        self.writer.reconfigure(settings, chained=settings.tamper_evident)
+        self._timestamp = Timestamps(settings.time == "local")
+        self._format = self._formatFor(settings)
 
     @property
     def dropped(self) -> int:
