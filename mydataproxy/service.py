@@ -40,7 +40,8 @@ from mydataproxy.generation import Generation
 from mydataproxy.material import Material, loadMaterial
 from mydataproxy.ops.admin import adminSite
 from mydataproxy.ops.metrics import METRICS
-from mydataproxy.ops.reloadstatus import writeStatus
+from mydataproxy.ops.reloadstatus import reportFailure, writeStatus
+from mydataproxy.ops.signals import chainSignal
 from mydataproxy.server.proxyheader import ProxyHeaderFactory, proxiedListen
 
 txaio.use_twisted()
@@ -256,13 +257,7 @@ class ProxyService(MultiService):
                                     if holder is not None else [])
 
     def _writeStatus(self, ok: bool, message: str) -> None:
-        if self.statusPath is None:
-            return
-        try:
-            writeStatus(self.statusPath, generation=self.generation.number, attempt=self._attempts, ok=ok,
-                        message=message)
-        except OSError as e:
-            log.warn("cannot write the reload status {path}: {e}", path=self.statusPath, e=e.strerror)
+        writeStatus(self.statusPath, generation=self.generation.number, attempt=self._attempts, ok=ok, message=message)
 
     # Reload (SIGHUP)
 
@@ -283,14 +278,7 @@ class ProxyService(MultiService):
         return loading.addCallbacks(self._swap, self._failed)
 
     def _failed(self, failure: Failure) -> bool:
-        if failure.check(ConfigError, OSError):
-            error = str(failure.value)
-        else:
-            log.failure("reload failed", failure)
-            error = f"{type(failure.value).__name__}: {failure.value}"
-        message = f"reload failed, still on generation {self.generation.number}: {error}"
-        log.error("{message}", message=message)
-        self._writeStatus(False, message)
+        reportFailure(self.statusPath, failure, generation=self.generation.number, attempt=self._attempts, expected=(ConfigError, OSError))
         return False
 
     def _swap(self, loaded: tuple[Settings, Material]) -> bool:
@@ -369,14 +357,7 @@ class ProxyService(MultiService):
         self.reactor.callWhenRunning(self._handleStopSignals)
         # SIGUSR1: reopen our logs (after logrotate's rename); twistd's own
         # handler, if it set one for --logfile, still runs.
-        previous = signal.getsignal(signal.SIGUSR1)
-
-        def reopen(signum, frame) -> None:
-            self.reactor.callFromThread(self.reopenLogs)
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGUSR1, reopen)
+        chainSignal(self.reactor, signal.SIGUSR1, self.reopenLogs)
 
     def _handleStopSignals(self) -> None:
         if self.draining:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from conftest import LOOPBACK, TLSFiles, get_free_port, require_tool, wait_for_port
+from conftest import LOOPBACK, TLSFiles, get_free_port, require_tool, stop_process, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 SITE_CONF = REPO / "etc" / "apache" / "mydataproxy.conf"
@@ -180,15 +179,7 @@ class ApacheProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (Apache's stop) and wait; the exit code, or None if it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                return None
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def start_apache(workdir: Path, backend_port: int, tls: TLSFiles) -> ApacheProcess:

@@ -492,6 +492,19 @@ RELOAD_OK = re.compile(r"reload: generation (\d+) in force from (.+)$")
 RELOAD_FAILED = re.compile(r"reload failed, still on generation (\d+): (.+)$")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM C{proc} and wait C{timeout} s; its exit code, or None if it had to be killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            return None
+    return proc.returncode
+
+
 def listenPort(description: str) -> int:
     """The port of a listener's endpoint description (C{tcp:PORT...}, C{haproxy:tcp:PORT...})."""
     return int(description.removeprefix("haproxy:").split(":")[1])
@@ -598,17 +611,9 @@ class ProxyProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM and wait; returns the exit code, None if it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                self._output.close()
-                return None
+        code = stop_process(self.proc, timeout)
         self._output.close()
-        return self.proc.returncode
+        return code
 
     # -- observation ------------------------------------------------------
 

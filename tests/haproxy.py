@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import LOOPBACK, TLSFiles, get_free_port, require_tool, wait_for_port
+from conftest import LOOPBACK, TLSFiles, get_free_port, require_tool, stop_process, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "etc" / "haproxy" / "mydataproxy.cfg"
@@ -139,15 +138,7 @@ class HAProxyProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (a hard stop) and wait; the exit code, or None if it had to be killed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                return None
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def start_haproxy(workdir: Path, instances: tuple[Instance, Instance], tls: TLSFiles) -> HAProxyProcess:

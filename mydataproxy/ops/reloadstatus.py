@@ -15,6 +15,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import txaio
+
+txaio.use_twisted()
+log = txaio.make_logger()
+
 
 @dataclass(frozen=True)
 class ReloadStatus:
@@ -43,17 +48,20 @@ def statusPath(pidfile: str) -> str:
     return f"{pidfile}.reload"
 
 
-def writeStatus(path: str, *, generation: int, attempt: int, ok: bool, message: str) -> None:
+def writeStatus(path: str | None, *, generation: int, attempt: int, ok: bool, message: str) -> None:
     """
-    Replace the status at C{path} (a failure to write is the caller's to
-    log: the reload itself stands).
-
-    @raise OSError: If the file cannot be written.
+    Replace the status at C{path} (nothing without one).  A failure to
+    write it is logged: the reload itself stands.
     """
+    if path is None:
+        return
     status = ReloadStatus(os.getpid(), generation, attempt, ok, message, time.time())
     temporary = f"{path}.{os.getpid()}.tmp"
-    Path(temporary).write_text(json.dumps(asdict(status)) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        Path(temporary).write_text(json.dumps(asdict(status)) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as e:
+        log.warn("cannot write the reload status {path}: {e}", path=path, e=e.strerror)
 
 
 def readStatus(path: str) -> ReloadStatus | None:
@@ -63,3 +71,25 @@ def readStatus(path: str) -> ReloadStatus | None:
         return ReloadStatus(**values)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def reportFailure(
+    path: str | None, failure, *, generation: int, attempt: int, expected: tuple[type[BaseException], ...]
+) -> str:
+    """
+    Log a reload that did not take and write its status: the error's own
+    words for the C{expected} kinds (a located config error, a port taken),
+    the traceback too for anything else (a bug).
+
+    @param failure: A L{twisted.python.failure.Failure}.
+    @return: The message (C{reload failed, still on generation N: ...}).
+    """
+    if failure.check(*expected):
+        error = str(failure.value)
+    else:
+        log.failure("reload failed", failure)
+        error = f"{type(failure.value).__name__}: {failure.value}"
+    message = f"reload failed, still on generation {generation}: {error}"
+    log.error("{message}", message=message)
+    writeStatus(path, generation=generation, attempt=attempt, ok=False, message=message)
+    return message

@@ -79,7 +79,8 @@ from mydataproxy.ops.admin import adminSite
 from mydataproxy.ops.levels import applyLevels
 from mydataproxy.ops.logs import ErrorLog, LogWriter
 from mydataproxy.ops.metrics import aggregate, cumulative
-from mydataproxy.ops.reloadstatus import writeStatus
+from mydataproxy.ops.reloadstatus import reportFailure, writeStatus
+from mydataproxy.ops.signals import chainSignal
 from mydataproxy.ops.syslog import SyslogObserver
 from mydataproxy.service import ListenerError, listenNow
 from mydataproxy.workers.handoff import Acceptor, Channel, describeAddress
@@ -568,14 +569,7 @@ class Supervisor(Service):
         )
         self.reactor.addSystemEventTrigger("after", "shutdown", self._stopLast)
         signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
-        previous = signal.getsignal(signal.SIGUSR1)
-
-        def reopen(signum, frame) -> None:
-            self.reactor.callFromThread(self.reopenLogs)
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGUSR1, reopen)
+        chainSignal(self.reactor, signal.SIGUSR1, self.reopenLogs)
         # twistd's SIGTERM handler has the process end by the signal; a
         # drained stop is a clean exit.  The reactor installs its handlers
         # as it starts running: ours replace them then.
@@ -643,13 +637,7 @@ class Supervisor(Service):
             shutil.rmtree(self.runDirectory, ignore_errors=True)
 
     def _writeStatus(self, ok: bool, message: str) -> None:
-        if self.statusPath is None:
-            return
-        try:
-            writeStatus(self.statusPath, generation=self.current.number, attempt=self._attempts, ok=ok,
-                        message=message)
-        except OSError as e:
-            log.warn("cannot write the reload status {path}: {e}", path=self.statusPath, e=e.strerror)
+        writeStatus(self.statusPath, generation=self.current.number, attempt=self._attempts, ok=ok, message=message)
 
     # Reload (SIGHUP)
 
@@ -787,14 +775,7 @@ class Supervisor(Service):
         return True
 
     def _failed(self, failure: Failure) -> bool:
-        if failure.check(ConfigError, ReloadError, OSError):
-            error = str(failure.value)
-        else:
-            log.failure("reload failed", failure)
-            error = f"{type(failure.value).__name__}: {failure.value}"
-        message = f"reload failed, still on generation {self.current.number}: {error}"
-        log.error("{message}", message=message)
-        self._writeStatus(False, message)
+        reportFailure(self.statusPath, failure, generation=self.current.number, attempt=self._attempts, expected=(ConfigError, ReloadError, OSError))
         return False
 
 
