@@ -18,12 +18,11 @@ import socket
 from typing import Callable
 
 import txaio
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import globalLogPublisher
 
-from mydataproxy.config import Settings
+from mydataproxy.config import LoggingSettings, Settings
 from mydataproxy.egress.auth import ProxyAuthenticator
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.forward.listener import ForwardProxy
@@ -68,10 +67,7 @@ class Generation:
         errorPath = logging.errorPath(host)
         # The same files (and syslog): the logs are taken over, and told
         # any other new setting at start.
-        kept = previous is not None and (logging.accessPath(host), errorPath, logging.syslog, logging.syslog_facility) == (
-            previous.accessLog.path, previous.errorLog.path if previous.errorLog else "",
-            previous.settings.logging.syslog, previous.settings.logging.syslog_facility,
-        )
+        kept = previous is not None and _logTargets(logging, host) == _logTargets(previous.settings.logging, host)
         self.accessLog = previous.accessLog if kept else AccessLog(logging.accessPath(host), reactor, logging)
         if kept:
             self.errorLog, self.syslog = previous.errorLog, previous.syslog
@@ -226,3 +222,8 @@ class Generation:
             self.errorLog.stop()
         if self.syslog is not None:
             self.syslog.close()
+
+
+def _logTargets(logging: LoggingSettings, host: str) -> tuple[str, str, str, str]:
+    """Where C{logging} writes: the access and error logs' paths, syslog and its facility."""
+    return logging.accessPath(host), logging.errorPath(host), logging.syslog, logging.syslog_facility

@@ -278,7 +278,10 @@ class ProxyService(MultiService):
         return loading.addCallbacks(self._swap, self._failed)
 
     def _failed(self, failure: Failure) -> bool:
-        reportFailure(self.statusPath, failure, generation=self.generation.number, attempt=self._attempts, expected=(ConfigError, OSError))
+        reportFailure(
+            self.statusPath, failure, generation=self.generation.number, attempt=self._attempts,
+            expected=(ConfigError, OSError),
+        )
         return False
 
     def _swap(self, loaded: tuple[Settings, Material]) -> bool:

@@ -775,7 +775,10 @@ class Supervisor(Service):
         return True
 
     def _failed(self, failure: Failure) -> bool:
-        reportFailure(self.statusPath, failure, generation=self.current.number, attempt=self._attempts, expected=(ConfigError, ReloadError, OSError))
+        reportFailure(
+            self.statusPath, failure, generation=self.current.number, attempt=self._attempts,
+            expected=(ConfigError, ReloadError, OSError),
+        )
         return False
 
 
