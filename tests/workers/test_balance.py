@@ -1,6 +1,6 @@
 """
 The supervisor spreads connections over the workers, end to end with real
-processes on loopback: a burst of 50 connections opened at once (what wrk,
+processes on loopback: a burst of 50 connections opened at once (what a load generator,
 or an API gateway's pool filling at start-up, does) is served by both
 workers of C{workers = 2} in even shares; every connection is held by
 exactly one worker and none by the supervisor once handed over; the
