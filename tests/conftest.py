@@ -426,8 +426,8 @@ class SocketInfo:
     inode: str = ""
 
 
-def process_tcp_sockets(pid: int) -> list[SocketInfo]:
-    """TCP sockets held by process C{pid} (from /proc, no external tool)."""
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of every socket process C{pid} holds (from /proc)."""
     inodes = set()
     fd_dir = f"/proc/{pid}/fd"
     for fd in os.listdir(fd_dir):
@@ -438,6 +438,12 @@ def process_tcp_sockets(pid: int) -> list[SocketInfo]:
         m = re.fullmatch(r"socket:\[(\d+)\]", link)
         if m:
             inodes.add(m.group(1))
+    return inodes
+
+
+def process_tcp_sockets(pid: int) -> list[SocketInfo]:
+    """TCP sockets held by process C{pid} (from /proc, no external tool)."""
+    inodes = socket_inodes(pid)
     found = []
     for table in ("tcp", "tcp6"):
         try:

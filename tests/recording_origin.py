@@ -63,6 +63,13 @@ class RecordingOrigin(LoopbackServer):
                 return seen
             time.sleep(0.02)
 
+    def wait_for(self, tag: str, timeout: float = 5.0) -> None:
+        """Return once the head of a request whose target holds C{tag} has come (fail the test if not)."""
+        deadline = time.monotonic() + timeout
+        while not any(tag in r["target"] for r in self.requests_since(0)):
+            assert time.monotonic() < deadline, f"the origin never got {tag}"
+            time.sleep(0.02)
+
     def all_raw(self) -> bytes:
         """Every byte received so far, on every connection (drained bodies excepted)."""
         with self.lock:

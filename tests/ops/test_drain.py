@@ -25,10 +25,7 @@ CLEAN_EXIT = (0,)
 def send_slow(proxy, origin: RecordingOrigin, ms: int, tag: str) -> RawConnection:
     connection = RawConnection(proxy.port, timeout=15)
     connection.send(build_request("GET", f"{origin.url}/delay/{ms}/{tag}", [("Host", origin.authority)]))
-    deadline = time.monotonic() + 5
-    while not any(tag in r["target"] for r in origin.requests):
-        assert time.monotonic() < deadline, "the origin never got the slow request"
-        time.sleep(0.02)
+    origin.wait_for(tag)
     return connection
 
 

@@ -102,14 +102,6 @@ def rule_of(proxy, tag: str) -> str:
     return lines[0].get("rule", "")
 
 
-def wait_admitted(origin: RecordingOrigin, tag: str, timeout: float = 5.0) -> None:
-    """Return once C{origin} has the head of the request whose target holds C{tag}."""
-    deadline = time.monotonic() + timeout
-    while not any(tag in r["target"] for r in origin.requests):
-        assert time.monotonic() < deadline, f"the origin never got {tag}"
-        time.sleep(0.02)
-
-
 def closed_by_peer(connection: RawConnection, timeout: float = 3.0) -> bool:
     """Whether the proxy closes C{connection} within C{timeout} seconds (sending nothing)."""
     connection.settimeout(timeout)
@@ -337,7 +329,7 @@ def test_a_request_admitted_before_a_reload_finishes_on_its_settings(proxy_facto
         idle.send(build_request("GET", f"{one.url}/idle", [("Host", one.authority)]))
         assert idle.read_response().status == 200
         busy.send(build_request("GET", f"{one.url}/delay/3000/held", [("Host", one.authority)]))
-        wait_admitted(one, "/delay/3000/held")
+        one.wait_for("/delay/3000/held")
         started = time.monotonic()
         line = proxy.reload(variant(proxy.config, upstream={"read_timeout": 1.0}))
         assert RELOAD_OK.search(line) and generation(line) == 2, line

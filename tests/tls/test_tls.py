@@ -1177,14 +1177,6 @@ def handshake_serial(port: int, context: ssl.SSLContext) -> int:
         return peer_serial(c)
 
 
-def wait_admitted(origin: RecordingOrigin, tag: str, timeout: float = 5.0) -> None:
-    """Return once C{origin} has the head of the request whose target holds C{tag}."""
-    deadline = time.monotonic() + timeout
-    while not any(tag in r["target"] for r in origin.requests):
-        assert time.monotonic() < deadline, f"the origin never got {tag}"
-        time.sleep(0.02)
-
-
 def test_reload_new_certificate_for_new_handshakes(reload_proxy, material, recording_origin):
     """
     A reload with a renewed key store: new handshakes get the new
@@ -1203,7 +1195,7 @@ def test_reload_new_certificate_for_new_handshakes(reload_proxy, material, recor
         idle.send(build_request("GET", f"{origin.url}/idle", [("Host", origin.authority)]))
         assert idle.read_response().status == 200
         busy.send(build_request("GET", f"{origin.url}/delay/2500/held", [("Host", origin.authority)]))
-        wait_admitted(origin, "/delay/2500/held")
+        origin.wait_for("/delay/2500/held")
         admitted = time.monotonic()
         second = server_leaf(material.listenerCA)
         replace_file(store, Path(write_p12(store.with_name("second.p12"), second)).read_bytes())

@@ -7,7 +7,6 @@ worker's private admin socket asked directly.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -52,20 +51,6 @@ def admin_socket(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = f.read().decode().split("\0")
     return argv[argv.index("--admin-socket") + 1]
-
-
-def socket_inodes(pid: int) -> set[str]:
-    """The inodes of every socket process C{pid} holds."""
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        m = re.fullmatch(r"socket:\[(\d+)\]", link)
-        if m:
-            found.add(m.group(1))
-    return found
 
 
 def unix_get(path: str, target: str, accept: str = "") -> tuple[int, str]:

@@ -24,12 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import (
-    BIN, LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, process_tcp_sockets, to_toml,
+    BIN, LOOPBACK, RawConnection, build_request, get_free_port, parse_access_line, process_tcp_sockets,
+    socket_inodes, to_toml,
 )
 from recording_origin import RecordingOrigin
-from supervised import (
-    admin_socket, alive, requests_counted, samples, socket_inodes, start_supervised, unix_get,
-)
+from supervised import admin_socket, alive, requests_counted, samples, start_supervised, unix_get
 
 CLEAN_EXIT = (0, -signal.SIGTERM)
 
@@ -121,10 +120,7 @@ def test_sigterm_drains_every_worker_and_exits(proxy_factory, recording) -> None
     workers = supervised.workers()
     slow = RawConnection(proxy.port, timeout=15)
     slow.send(build_request("GET", f"{recording.url}/delay/1500/held", [("Host", recording.authority)]))
-    deadline = time.monotonic() + 5
-    while not any("held" in r["target"] for r in recording.requests):
-        assert time.monotonic() < deadline, "the slow request never reached the recording"
-        time.sleep(0.02)
+    recording.wait_for("held")
     started = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -217,10 +213,7 @@ def test_a_second_sigterm_cuts_at_once(proxy_factory, recording) -> None:
     proxy = supervised.proxy
     slow = RawConnection(proxy.port, timeout=15)
     slow.send(build_request("GET", f"{recording.url}/delay/20000/cut", [("Host", recording.authority)]))
-    deadline = time.monotonic() + 5
-    while not any("cut" in r["target"] for r in recording.requests):
-        assert time.monotonic() < deadline, "the slow request never reached the origin"
-        time.sleep(0.02)
+    recording.wait_for("cut")
     proxy.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert proxy.alive(), "the first SIGTERM did not drain"
