@@ -29,7 +29,6 @@ import txaio
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -211,8 +210,63 @@ class _Reading:
     TUNNEL = 4  # raw bytes for a CONNECT tunnel
 
 
+class IdleTimer:
+    """
+    A connection's idle timeout, cheap to stop and restart: counting
+    restarts on every request, so rather than cancel and schedule a timer
+    each time (a heap operation and an object per request), one timer stays
+    pending and, when it fires while counting restarted since, waits the
+    rest.  C{expired} is called once the count reaches C{period}.
+    """
+
+    __slots__ = ("_clock", "_expired", "_period", "_since", "_call")
+
+    def __init__(self, clock, expired: typing.Callable[[], None]) -> None:
+        self._clock = clock
+        self._expired = expired
+        self._period: float | None = None
+        self._since = 0.0
+        self._call: IDelayedCall | None = None
+
+    def start(self, period: float | None) -> None:
+        """Count C{period} seconds from now (L{None}: stop counting)."""
+        self._period = period
+        if period is None:
+            return
+        self._since = self._clock.seconds()
+        if self._call is None:
+            self._call = self._clock.callLater(period, self._fired)
+        elif self._call.getTime() > self._since + period:
+            # A shorter period than the pending timer's: fire sooner.
+            self._call.reset(period)
+
+    def restart(self) -> None:
+        """Activity: count from now again, if counting."""
+        if self._period is not None:
+            self._since = self._clock.seconds()
+
+    def cancel(self) -> None:
+        """Stop for good (the connection is gone)."""
+        self._period = None
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _fired(self) -> None:
+        self._call = None
+        if self._period is None:
+            return
+        rest = self._since + self._period - self._clock.seconds()
+        if rest > 0:
+            self._call = self._clock.callLater(rest, self._fired)
+        else:
+            self._period = None
+            self._expired()
+
+
 @implementer(IHalfCloseableProtocol, IPushProducer)
-class ProxyChannel(Protocol, TimeoutMixin):
+class ProxyChannel(Protocol):
     """
     One client connection: request heads parsed in one pass, one request
     relayed at a time; a CONNECT or an accepted Upgrade hands the connection
@@ -235,7 +289,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
         "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate",
-        "_graceCall", "_producing",
+        "_graceCall", "_producing", "_idleTimer",
     )
 
     def __init__(self, client: str) -> None:
@@ -261,6 +315,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         self._graceCall: IDelayedCall | None = None
         # Whether we are the transport's producer (until a tunnel or a close).
         self._producing = False
+        self._idleTimer: IdleTimer | None = None
 
     @property
     def limits(self) -> LimitSettings:
@@ -298,10 +353,15 @@ class ProxyChannel(Protocol, TimeoutMixin):
         peer = self.getPeer()
         return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
+    def setTimeout(self, period: float | None) -> None:
+        """Count C{period} seconds of client silence from now (L{None}: don't)."""
+        self._idleTimer.start(period)
+
     # Connection life.
 
     def connectionMade(self) -> None:
         self.factory.channels.add(self)
+        self._idleTimer = IdleTimer(self.factory.reactor, self.timeoutConnection)
         self.setTimeout(self.factory.idleTimeout)
         self.transport.registerProducer(self, True)
         self._producing = True
@@ -414,7 +474,7 @@ class ProxyChannel(Protocol, TimeoutMixin):
         if state == _Reading.LINGER:
             self._discard(len(data))
             return
-        self.resetTimeout()
+        self._idleTimer.restart()
         if state == _Reading.BODY and not self._buffer:
             self._buffer = data
         else:
@@ -704,7 +764,8 @@ class ProxyChannel(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure) -> None:
         self.factory.channels.discard(self)
-        self.setTimeout(None)
+        if self._idleTimer is not None:
+            self._idleTimer.cancel()
         self._cancelHeadDeadline()
         for call in (self._lingerCall, self._closeCall, self._graceCall):
             if call is not None and call.active():
