@@ -39,11 +39,16 @@ from twisted.internet import defer
 from mydataproxy.config import Settings
 from mydataproxy.egress.auth import ProxyAuthenticator
 from mydataproxy.egress.limits import RateLimiter
-from mydataproxy.egress.policy import ClientAccess, EgressPolicy, Request as PolicyRequest, connectAllowed, httpPortAllowed
+from mydataproxy.egress.policy import (
+    ClientAccess, Decision, EgressPolicy, Request as PolicyRequest, connectAllowed, httpPortAllowed,
+)
 from mydataproxy.egress.resolver import Resolver
 from mydataproxy.http.target import Destination, Mode, Refusal, Target
 
 __all__ = ["RequestPipeline", "Refusal"]
+
+# Bound of decideNow's memory of decisions: a flood of distinct targets only empties it.
+MAX_CACHED_DECISIONS = 4096
 
 
 class RequestPipeline:
@@ -74,6 +79,12 @@ class RequestPipeline:
         self.resolver = resolver
         self.authenticator = authenticator
         self.reactor = reactor
+        # What decideNow admitted, by target and client certificate, with the
+        # addresses it was decided on: a policy decision depends on nothing
+        # else, and the settings never change under a pipeline (a reload
+        # builds a new one).
+        self._decided: dict[tuple, tuple[list[str], Destination]] = {}
+        self._httpPorts: dict[int, Decision] = {}
 
     # The client
 
@@ -117,7 +128,9 @@ class RequestPipeline:
         """
         if target.mode is not Mode.CONNECT:
             port = target.destination.port
-            decision = httpPortAllowed(self.settings.forward, port)
+            decision = self._httpPorts.get(port)
+            if decision is None:
+                decision = self._httpPorts[port] = httpPortAllowed(self.settings.forward, port)
             if not decision.allowed:
                 raise Refusal(403, f"port {port} is not allowed (cross-protocol request)", decision.rule)
 
@@ -134,12 +147,21 @@ class RequestPipeline:
         """
         if self.authenticator is not None:
             return None
-        known = self.resolver.known(target.destination.host)
+        destination = target.destination
+        known = self.resolver.known(destination.host)
         if known is None:
             return None
+        key = (target.mode, destination.scheme, destination.host, destination.port, certificate)
+        cached = self._decided.get(key)
+        if cached is not None and cached[0] == known:
+            return cached[1]
         if target.mode is Mode.CONNECT:
             self._checkConnectPort(target)
-        return self._decide(known, target, None, certificate)
+        decided = self._decide(known, target, None, certificate)
+        if len(self._decided) >= MAX_CACHED_DECISIONS:
+            self._decided.clear()
+        self._decided[key] = (list(known), decided)
+        return decided
 
     def admit(
         self, credentials: list[bytes] | None, target: Target, certificate: str, client: str

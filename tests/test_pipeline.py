@@ -170,6 +170,33 @@ def test_cachedNameIsDecidedWithoutADeferred() -> None:
     assert resolver.asked == []
 
 
+def test_aDecisionIsRememberedForItsAddressesOnly() -> None:
+    known = {"origin.test": ["127.0.0.2"]}
+    pipeline = pipelineWith(resolver=RecordingResolver(known))
+    first = pipeline.decideNow(target(b"http://origin.test:8080/a"), "")
+    assert pipeline.decideNow(target(b"http://origin.test:8080/b"), "") is first
+    # The name now resolves elsewhere: decided afresh, on the new answer.
+    known["origin.test"] = ["169.254.169.254"]
+    with pytest.raises(Refusal) as refused:
+        pipeline.decideNow(target(b"http://origin.test:8080/a"), "")
+    assert refused.value.rule == "egress.guard (cloud metadata 169.254.169.254/32)"
+
+
+def test_aDecisionIsRememberedPerClientCertificate() -> None:
+    egress = EgressSettings(
+        rules=(
+            EgressRule(
+                "egress.rules[0] certified", "allow", networks=(ipaddress.ip_network("127.0.0.0/8"),),
+                client_certificates=("CN=gateway",),
+            ),
+        )
+    )
+    pipeline = pipelineWith(settingsWith(egress=egress))
+    assert pipeline.decideNow(target(b"http://127.0.0.1:8080/"), "CN=gateway").rule == "egress.rules[0] certified"
+    with pytest.raises(Refusal):
+        pipeline.decideNow(target(b"http://127.0.0.1:8080/"), "CN=somebody-else")
+
+
 def test_knownDestinationRefusedOnTheSpotNamesItsRule() -> None:
     with pytest.raises(Refusal) as refused:
         pipelineWith(settingsWith(egress=EgressSettings())).decideNow(target(b"http://127.0.0.1:8080/"), "")

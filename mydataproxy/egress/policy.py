@@ -211,6 +211,8 @@ class ClientAccess:
         self._networks = settings.client_allow
         self._trusted = settings.trusted_proxies
         self._rule = f"{section}.client_allow"
+        self._everyone = Decision(True, f"{self._rule} is empty")
+        self.allowed = functools.lru_cache(maxsize=4096)(self.allowed)
 
     def trusts(self, peer: str) -> bool:
         """Is C{peer} (an address) one of the trusted proxies?"""
@@ -245,7 +247,7 @@ class ClientAccess:
     def allowed(self, address: str) -> Decision:
         """May the client at C{address} use this listener?"""
         if not self._networks:
-            return Decision(True, f"{self._rule} is empty")
+            return self._everyone
         try:
             ip = _ip(address)
         except ValueError:

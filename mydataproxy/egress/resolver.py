@@ -10,6 +10,7 @@ TTL, capped at C{max_ttl}.
 
 from __future__ import annotations
 
+import functools
 import socket
 
 import txaio
@@ -26,6 +27,12 @@ txaio.use_twisted()
 log = txaio.make_logger()
 
 CACHE_ENTRIES = 4096
+
+
+@functools.lru_cache(maxsize=4096)
+def _isLiteral(host: str) -> bool:
+    # Twisted's checks walk the string in Python; the answer never changes.
+    return isIPAddress(host) or isIPv6Address(host)
 
 
 class ResolutionTimeout(error.DNSLookupError):
@@ -52,7 +59,7 @@ class Resolver:
     def known(self, host: str) -> list[str] | None:
         """The addresses of C{host} if known without asking (an IP literal or
         a fresh cache entry), else L{None}."""
-        if isIPAddress(host) or isIPv6Address(host):
+        if _isLiteral(host):
             return [host]
         cached = self._cache.get(host)
         if cached is not None and cached[0] > self._clock.seconds():

@@ -33,15 +33,16 @@ class Destination:
     port: int
     addresses: tuple[str, ...] = ()
     rule: str = field(default="", compare=False)
+    #: The C{Host} field value for this destination (worked out once).
+    authority: bytes = field(init=False, compare=False, repr=False)
 
-    @property
-    def authority(self) -> bytes:
-        """The C{Host} field value for this destination."""
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
         if self.port != default:
             host = f"{host}:{self.port}"
-        return host.encode("idna") if not host.isascii() else host.encode("ascii")
+        # Frozen: the derived field is set the way dataclasses set fields.
+        object.__setattr__(self, "authority", host.encode("idna") if not host.isascii() else host.encode("ascii"))
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.authority.decode('ascii')}"
@@ -141,6 +142,14 @@ def parseAuthority(authority: bytes, defaultPort: int | None, userinfo: bool = F
     return host, int(portBytes)
 
 
+# The same few origins are asked for over and over: each authority is parsed
+# (and its host normalised) once, and the same Destination, with its
+# authority worked out, serves every request to it.  Bounded: a flood of
+# distinct names only empties it.
+MAX_CACHED_DESTINATIONS = 4096
+_DESTINATIONS: dict[tuple[bytes, bytes], Destination] = {}
+
+
 def parseURL(url: bytes) -> tuple[Destination, bytes]:
     """
     Split an absolute C{http(s)://} URL into its destination and the rest
@@ -160,8 +169,17 @@ def parseURL(url: bytes) -> tuple[Destination, bytes]:
     authority, remainder = rest[:cut], rest[cut:]
     if b"#" in remainder:
         raise Refusal(400, "a fragment is not allowed in the request target")
-    host, port = parseAuthority(authority, 443 if scheme == b"https" else 80, userinfo=True)
-    return Destination(scheme.decode("ascii"), host, port), remainder
+    key = (scheme, authority)
+    destination = _DESTINATIONS.get(key)
+    if destination is None:
+        host, port = parseAuthority(authority, 443 if scheme == b"https" else 80, userinfo=True)
+        destination = Destination(scheme.decode("ascii"), host, port)
+        # Credentials in a userinfo part are never kept.
+        if b"@" not in authority:
+            if len(_DESTINATIONS) >= MAX_CACHED_DESTINATIONS:
+                _DESTINATIONS.clear()
+            _DESTINATIONS[key] = destination
+    return destination, remainder
 
 
 def parseTarget(method: bytes, uri: bytes, targetHosts: list[bytes] | None) -> Target:

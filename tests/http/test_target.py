@@ -461,3 +461,18 @@ def test_absoluteFormHostsAreNormalisedAndUserinfoDropped(uri: bytes, host: str)
 def test_headerRoutedUserinfoIsDropped() -> None:
     target = parseTarget(b"GET", b"/x", [b"https://u:p@A.Example"])
     assert (target.destination.host, target.path) == ("a.example", b"/x")
+
+
+def test_oneDestinationServesEveryRequestToAnAuthority() -> None:
+    first = parseTarget(b"GET", b"http://Origin.Example:8080/a", None).destination
+    second = parseTarget(b"GET", b"/b", [b"http://Origin.Example:8080"]).destination
+    assert second is first
+    assert first.authority == b"origin.example:8080"
+    # Another spelling of the same origin is the same destination.
+    assert parseTarget(b"GET", b"http://origin.example.:8080/", None).destination == first
+
+
+def test_anAuthorityWithCredentialsIsNotRemembered() -> None:
+    first = parseTarget(b"GET", b"http://u:secret@remembered.example/", None).destination
+    second = parseTarget(b"GET", b"http://u:secret@remembered.example/", None).destination
+    assert first == second and first is not second
