@@ -40,7 +40,7 @@ HOP_BY_HOP = frozenset(
 _REWRITTEN_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"expect", b"via", b"x-forwarded-for"})
 # Max-Forwards counts hops for these methods only (RFC 9110 7.6.2).
 MAX_FORWARDS_METHODS = (b"OPTIONS", b"TRACE")
-_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+_UNRELAYED_RESPONSE_FIELDS = HOP_BY_HOP | {b"content-length", b"transfer-encoding"}
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -70,24 +70,34 @@ def via(version: bytes) -> bytes:
     return (version[5:] if version.startswith(b"HTTP/") else b"1.1") + b" mydataproxy"
 
 
+# The names never relayed as they are, by filter (a config's few filters):
+# one set lookup per field instead of four.
+_UNRELAYED: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+
+def _unrelayed(drop: frozenset[bytes]) -> frozenset[bytes]:
+    names = _UNRELAYED.get(drop)
+    if names is None:
+        if len(_UNRELAYED) >= 64:
+            _UNRELAYED.clear()
+        names = _UNRELAYED[drop] = HOP_BY_HOP | _REWRITTEN_REQUEST_FIELDS | drop
+    return names
+
+
 def _endToEnd(head: RequestHead, drop: frozenset[bytes]) -> HeaderList:
     """
     The client's fields a proxy may relay as they are: not hop-by-hop, not
     listed in C{Connection}, not ones the proxy writes itself, not in C{drop}.
     """
+    unrelayed = _unrelayed(drop)
     listed = head.connection
+    hopCounted = head.method in MAX_FORWARDS_METHODS
     out: HeaderList = []
-    for name, value in head.fields:
-        lower = name.lower()
-        if (
-            lower in HOP_BY_HOP
-            or lower in _REWRITTEN_REQUEST_FIELDS
-            or lower in listed
-            or lower in drop
-            or (lower == b"max-forwards" and head.method in MAX_FORWARDS_METHODS)
-        ):
+    for field in head.fields:
+        lower = field[0].lower()
+        if lower in unrelayed or lower in listed or (hopCounted and lower == b"max-forwards"):
             continue
-        out.append((name, value))
+        out.append(field)
     return out
 
 
@@ -137,17 +147,27 @@ def relayedResponseFields(fields: HeaderList) -> HeaderList:
     framing fields removed (the proxy frames the response itself), our
     C{Via} appended to the origin's.
     """
-    lowered = [(name.lower(), name, value) for name, value in fields]
-    listed = connectionTokens([v for lower, _, v in lowered if lower == b"connection"])
     out: HeaderList = []
+    kept: list[bytes] = []
     vias: list[bytes] = []
-    for lower, name, value in lowered:
-        if lower in HOP_BY_HOP or lower in _FRAMING_FIELDS or lower in listed:
-            continue
-        if lower == b"via":
-            vias.append(value)
+    connection: list[bytes] = []
+    for field in fields:
+        lower = field[0].lower()
+        if lower in _UNRELAYED_RESPONSE_FIELDS:
+            if lower == b"connection":
+                connection.append(field[1])
+        elif lower == b"via":
+            vias.append(field[1])
         else:
-            out.append((name, value))
+            out.append(field)
+            kept.append(lower)
+    if connection:
+        # Names the origin's Connection field lists are hop-by-hop too,
+        # wherever they stand.
+        listed = connectionTokens(connection)
+        if b"via" in listed:
+            vias = []
+        out = [field for field, lower in zip(out, kept) if lower not in listed]
     out.append((b"Via", _appended(vias, VIA)))
     return out
 

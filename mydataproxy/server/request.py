@@ -43,6 +43,13 @@ def displayURI(uri: bytes) -> str:
     return _USERINFO.sub(b"//", uri[:1024]).decode("ascii", "replace")
 
 
+def fieldLines(fields: rules.HeaderList) -> bytes:
+    """C{fields} as header lines, each ended by CRLF."""
+    if not fields:
+        return b""
+    return b"\r\n".join([b": ".join(field) for field in fields]) + b"\r\n"
+
+
 def _first(values: list[bytes] | None) -> str:
     """The first value of a field, as text for the access log ('' if absent)."""
     return values[0].decode("latin-1") if values else ""
@@ -204,15 +211,13 @@ class ProxiedRequest:
         caller's, framing excepted) and the framing from what was parsed.
         """
         head = self.head
-        lines = [b"%s %s HTTP/1.1\r\n" % (head.method, target)]
-        lines.extend(b"%s: %s\r\n" % field for field in fields)
-        framing = self._frameBody()
-        if framing is BodyFraming.CHUNKED:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif framing is BodyFraming.LENGTH:
-            lines.append(b"Content-Length: %d\r\n" % head.contentLength)
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        if head.chunked:
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        elif head.contentLength:
+            framing = b"Content-Length: %d\r\n\r\n" % head.contentLength
+        else:
+            framing = b"\r\n"
+        return b"%s %s HTTP/1.1\r\n%s%s" % (head.method, target, fieldLines(fields), framing)
 
     def _routed(self, destination: Destination, upstreamHead: bytes | None = None) -> None:
         """Send the request to C{destination} (with C{upstreamHead}, when it depends on it)."""
@@ -289,8 +294,7 @@ class ProxiedRequest:
         if channel.bodyPending:
             # The rest of the body will be dropped: this response is the last.
             channel.closeAfterResponse()
-        head = [b"%s %d %s\r\n" % (version, status, reason)]
-        head.extend(b"%s: %s\r\n" % field for field in self.responseFields(fields))
+        head = [b"%s %d %s\r\n%s" % (version, status, reason, fieldLines(self.responseFields(fields)))]
         if bodyLength is None:
             if version == b"HTTP/1.1":
                 self._chunked = True
@@ -306,7 +310,8 @@ class ProxiedRequest:
         elif version == b"HTTP/1.0":
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
-        channel.transport.writeSequence(head)
+        # One write: the head leaves in one segment.
+        channel.transport.write(b"".join(head))
         if bodyLength != 0 and channel.writesBlocked:
             self.pauseProducing()
 

@@ -5,6 +5,8 @@ Unit tests of the hop-by-hop header rules (L{mydataproxy.http.headers}).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mydataproxy.http.framing import RequestHead
 from mydataproxy.http.headers import (
@@ -379,3 +381,34 @@ def test_plainResponseConnectionCloseOnlyWhenAsked() -> None:
     assert dict(parse(closing)[1]).get(b"Connection") == b"close"
     assert b"connection" not in [n.lower() for n, _ in parse(keeping)[1]]
     assert closing.replace(b"Connection: close\r\n", b"") == keeping
+
+
+def _relayedOracle(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The straightforward statement of the rule (the implementation is tuned for speed)."""
+    listed = {
+        token.strip().lower()
+        for name, value in fields
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    }
+    dropped = {
+        b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+        b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
+    }
+    kept = [(n, v) for n, v in fields if n.lower() not in dropped and n.lower() not in listed]
+    vias = [v for n, v in kept if n.lower() == b"via"]
+    return [(n, v) for n, v in kept if n.lower() != b"via"] + [(b"Via", b", ".join([*vias, VIA]))]
+
+
+_NAMES = st.sampled_from(
+    [b"Connection", b"connection", b"Via", b"VIA", b"Keep-Alive", b"Content-Length", b"Transfer-Encoding",
+     b"X-A", b"x-a", b"Date", b"Upgrade", b"TE", b"Server"]
+)
+_VALUES = st.lists(st.sampled_from([b"x-a", b"via", b"Date", b"close", b" keep-alive ", b"1.1 origin", b""]),
+                   max_size=3).map(b",".join)
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=8))
+def test_relayedResponseFieldsFollowTheRule(fields: list[tuple[bytes, bytes]]) -> None:
+    assert relayedResponseFields(fields) == _relayedOracle(fields)
