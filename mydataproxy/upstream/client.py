@@ -247,12 +247,13 @@ _IN_BODY = frozenset(
 # ended by CRLF.  Values may hold HTAB, visible ASCII and obs-text but no
 # other control byte, so a bare CR or LF, NUL or an obs-fold never matches.
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
-_FIELD_LINE = (
-    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*"
-    rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?[ \t]*"
-)
-_FIELDS = re.compile(rb"(?:" + _FIELD_LINE + rb"\r\n)*")
-_FIELD_PARTS = re.compile(rb"([^:]+):[ \t]*(.*?)[ \t]*\r\n", re.DOTALL)
+_FIELD_NAME = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+_FIELD_LINE = _FIELD_NAME + rb":[ \t]*" + _FIELD_VALUE + rb"[ \t]*"
+# Splitting the header section on whole field lines, name and value
+# captured, validates and splits it in one pass: what lies between two lines
+# is empty everywhere exactly when every line is well-formed.
+_FIELD_SPLIT = re.compile(rb"(" + _FIELD_NAME + rb"):[ \t]*(" + _FIELD_VALUE + rb")[ \t]*\r\n")
 _TRAILER_FIELD = re.compile(_FIELD_LINE)
 # RFC 9112 section 7.1: chunk-size [ chunk-ext ]; at most 16 hex digits (no
 # sign, no 0x), extensions only of printable bytes (bounded by the line limit).
@@ -286,18 +287,14 @@ def parseResponseHead(head: bytes) -> tuple[bytes, int, bytes, HeaderList]:
     if status is None:
         firstLine = head.split(b"\n", 1)[0]
         raise InvalidResponse(f"bad status line {firstLine[:80]!r}")
-    code = int(status.group(2))
+    version, digits, reason = status.groups()
+    code = int(digits)
     if not 100 <= code <= 599:
         raise InvalidResponse(f"status code {code} out of range")
-    start = status.end()
-    if _FIELDS.fullmatch(head, start) is None:
+    parts = _FIELD_SPLIT.split(head[status.end() :])
+    if any(parts[::3]):
         raise InvalidResponse("malformed header section")
-    return (
-        status.group(1),
-        code,
-        status.group(3) or b"",
-        _FIELD_PARTS.findall(head, start),
-    )
+    return version, code, reason or b"", list(zip(parts[1::3], parts[2::3]))
 
 
 class ResponseFraming(NamedTuple):
