@@ -33,7 +33,7 @@ import re
 import sys
 import threading
 import time
-from typing import Callable, Protocol, Union
+from typing import Callable, Iterator, Protocol, Union
 
 import txaio
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
@@ -80,11 +80,14 @@ class Timing(Protocol):
 
 
 class Timestamps:
-    """ISO 8601 timestamps with milliseconds, in UTC (C{Z}) or local time with its offset."""
+    """
+    ISO 8601 timestamps with milliseconds, in UTC (C{Z}) or local time with
+    its offset, of times since the epoch (not before it).
+    """
 
     def __init__(self, local: bool) -> None:
         self.local = local
-        self._stamp: tuple[int, tuple[str, str]] = (0, ("", ""))
+        self._stamp: tuple[int | None, tuple[str, str]] = (None, ("", ""))
 
     def __call__(self, now: float | None = None) -> str:
         if now is None:
@@ -99,7 +102,11 @@ class Timestamps:
                 text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), "Z"
             self._stamp = (second, text)
         stamp, zone = self._stamp[1]
-        return f"{stamp}.{int((now - second) * 1000):03d}{zone}"
+        # A table, not a format spec: this runs once per access line.
+        return stamp + _MILLISECONDS[int((now - second) * 1000)] + zone
+
+
+_MILLISECONDS = tuple(f".{n:03d}" for n in range(1000))
 
 
 class LogWriter:
@@ -397,44 +404,82 @@ class AccessLog:
         @param timing: How the upstream exchange went (connect, TLS
             handshake, first byte, TLS version).
         """
-        extra: dict[str, str] = {}
-        for key, value in (("cert", certificate), ("tran_id", transaction), ("ua", userAgent), ("rule", rule)):
-            if value:
-                extra[key] = value
-        if timing is not None:
-            for key, value in (("connect_ms", timing.connect), ("tls_ms", timing.handshake),
-                               ("ttfb_ms", timing.firstByte)):
-                if value is not None:
-                    extra[key] = f"{value * 1000:.1f}"
-            if timing.tlsVersion:
-                extra["tls"] = timing.tlsVersion
-        self.writer.add(self._format(client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra))
+        self.writer.add(self._format(
+            client, method, target, status, bytesIn, bytesOut, seconds, upstream,
+            certificate, transaction, userAgent, rule, timing,
+        ))
 
-    def _keyValue(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra) -> str:
+    def _keyValue(
+        self, client, method, target, status, bytesIn, bytesOut, seconds, upstream,
+        certificate, transaction, userAgent, rule, timing,
+    ) -> str:
+        # The fields of _extras, in its order, written out: no dict, no loop
+        # for the line every request writes.
         line = (
             f"{self._timestamp()} client={client} method={_quoted(method)} target={_quoted(target)} "
             f"status={status} in={bytesIn} out={bytesOut} ms={seconds * 1000:.1f} "
             f"upstream={upstream or '-'}"
         )
-        for key, value in extra.items():
-            line += f" {key}={_quoted(value)}"
+        if certificate:
+            line += " cert=" + _quoted(certificate)
+        if transaction:
+            line += " tran_id=" + _quoted(transaction)
+        if userAgent:
+            line += " ua=" + _quoted(userAgent)
+        if rule:
+            line += " rule=" + _quoted(rule)
+        if timing is not None:
+            # Formatted numbers never need quoting.
+            if timing.connect is not None:
+                line += f" connect_ms={timing.connect * 1000:.1f}"
+            if timing.handshake is not None:
+                line += f" tls_ms={timing.handshake * 1000:.1f}"
+            if timing.firstByte is not None:
+                line += f" ttfb_ms={timing.firstByte * 1000:.1f}"
+            if timing.tlsVersion:
+                line += " tls=" + _quoted(timing.tlsVersion)
         return line + "\n"
 
-    def _combined(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra) -> str:
+    def _combined(
+        self, client, method, target, status, bytesIn, bytesOut, seconds, upstream,
+        certificate, transaction, userAgent, rule, timing,
+    ) -> str:
         # Apache's: host ident user [time] "request" status bytes "referer" "agent".
         host = client.rpartition(":")[0] or client
         stamp = _apacheTime(self._timestamp.local)
         request = _inQuotes(f"{method} {target} HTTP/1.1")
         return f'{host} - - [{stamp}] "{request}" {status} {bytesOut or "-"} "-" "{_inQuotes(userAgent or "-")}"\n'
 
-    def _json(self, client, method, target, status, bytesIn, bytesOut, seconds, upstream, userAgent, extra) -> str:
+    def _json(
+        self, client, method, target, status, bytesIn, bytesOut, seconds, upstream,
+        certificate, transaction, userAgent, rule, timing,
+    ) -> str:
         fields: dict[str, object] = {
             "time": self._timestamp(), "client": client, "method": method, "target": target, "status": status,
             "in": bytesIn, "out": bytesOut, "ms": round(seconds * 1000, 1), "upstream": upstream or None,
         }
-        fields.update((key, float(value) if key.endswith("_ms") else value) for key, value in extra.items())
+        fields.update(
+            (key, float(value) if key.endswith("_ms") else value)
+            for key, value in _extras(certificate, transaction, userAgent, rule, timing)
+        )
         # ensure_ascii: every control and line-separator character escaped.
         return json.dumps(fields, ensure_ascii=True, separators=(",", ":")) + "\n"
+
+
+def _extras(
+    certificate: str, transaction: str, userAgent: str, rule: str, timing: Timing | None,
+) -> Iterator[tuple[str, str]]:
+    """The optional fields of an access line that are present, in their order, as text."""
+    for key, value in (("cert", certificate), ("tran_id", transaction), ("ua", userAgent), ("rule", rule)):
+        if value:
+            yield key, value
+    if timing is not None:
+        for key, seconds in (("connect_ms", timing.connect), ("tls_ms", timing.handshake),
+                             ("ttfb_ms", timing.firstByte)):
+            if seconds is not None:
+                yield key, f"{seconds * 1000:.1f}"
+        if timing.tlsVersion:
+            yield "tls", timing.tlsVersion
 
 
 def _apacheTime(local: bool) -> str:
@@ -538,6 +583,12 @@ def _escape(match: re.Match) -> str:
 
 
 def _quoted(value: str) -> str:
+    # Most values are printable: they hold no control or separator character
+    # (isprintable, in C) and, without a quote or a backslash, need no escape.
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        if value and " " not in value:
+            return value
+        return '"' + value + '"'
     if value and not _NEEDS_QUOTING.search(value):
         return value
     return '"' + _ESCAPED.sub(_escape, value) + '"'
