@@ -330,20 +330,28 @@ def responseFraming(version: bytes, status: int, fields: HeaderList, headOnly: b
     codings: list[bytes] = []
     closing = version == b"HTTP/1.0"
     for name, value in fields:
-        # Length first: most names are none of the three, and lower() costs.
+        # Length first: most names are none of the three, and lower() costs;
+        # a single value (no comma) skips building a list of one.
         size = len(name)
-        if size == 14 and name.lower() == b"content-length":
-            lengths.update(v.strip(b" \t") for v in value.split(b","))
+        if size == 14 and (name == b"Content-Length" or name.lower() == b"content-length"):
+            if b"," in value:
+                lengths.update(v.strip(b" \t") for v in value.split(b","))
+            else:
+                lengths.add(value.strip(b" \t"))
         elif size == 17 and name.lower() == b"transfer-encoding":
             codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
-        elif size == 10 and name.lower() == b"connection":
-            tokens = {t.strip(b" \t").lower() for t in value.split(b",")}
-            closing = b"close" in tokens or (closing and b"keep-alive" not in tokens)
+        elif size == 10 and (name == b"Connection" or name.lower() == b"connection"):
+            if b"," in value:
+                tokens = {t.strip(b" \t").lower() for t in value.split(b",")}
+                closing = b"close" in tokens or (closing and b"keep-alive" not in tokens)
+            else:
+                token = value.strip(b" \t").lower()
+                closing = token == b"close" or (closing and token != b"keep-alive")
     declared: int | None = None
     if lengths:
         if len(lengths) != 1:
             raise InvalidResponse("conflicting Content-Length values")
-        value = next(iter(lengths))
+        (value,) = lengths
         if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
             raise InvalidResponse(f"invalid Content-Length {value[:20]!r}")
         declared = int(value)
@@ -688,20 +696,20 @@ class UpstreamConnection(Protocol):
                 raise InvalidResponse(f"more than {MAX_INTERIM_RESPONSES} interim responses")
             self._statusChecked = False
             return  # interim response: the final one follows
-        framing = responseFraming(version, status, fields, self._headOnly)
-        if framing.closing:
+        bodyLength, declaredLength, chunked, closing = responseFraming(version, status, fields, self._headOnly)
+        if closing:
             self.reusable = False
-        if framing.chunked:
+        if chunked:
             self._state = _State.CHUNK_SIZE
-        elif framing.bodyLength is None:
+        elif bodyLength is None:
             self._state = _State.UNTIL_CLOSE
-        elif framing.bodyLength:
+        elif bodyLength:
             self._state = _State.LENGTH
-            self._remaining = framing.bodyLength
+            self._remaining = bodyLength
         else:
             self._state = _State.IDLE
-        exchange.headReceived(status, reason, fields, framing.bodyLength, framing.declaredLength)
-        if framing.bodyLength == 0 and self.exchange is exchange:
+        exchange.headReceived(status, reason, fields, bodyLength, declaredLength)
+        if bodyLength == 0 and self.exchange is exchange:
             self._finished(exchange, more)
 
     def _lineReceived(self, exchange: "UpstreamExchange", line: bytes, more: bool) -> None:

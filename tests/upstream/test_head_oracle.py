@@ -1,21 +1,23 @@
 """
-The response head parser against the one it replaced (two regex passes:
-validate the header section, then split it), kept here as the oracle: on
-heads built from a grammar full of the bytes framing must refuse (bare CR
-and LF, NUL and other controls, obs-fold, spaces and colons in names,
-obs-text), the two accept the same heads with the same result and refuse
-the same heads with the same message.
+The response head parser and the framing decision against the versions they
+replaced, kept here as oracles.  On heads built from a grammar full of the
+bytes framing must refuse (bare CR and LF, NUL and other controls, obs-fold,
+spaces and colons in names, obs-text) the parsers accept the same heads with
+the same result and refuse the same heads with the same message; on field
+lists full of framing fields in every spelling, with lists, spaces and odd
+values, the framing decisions agree the same way.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Callable
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from mydataproxy.upstream.client import InvalidResponse, parseResponseHead
+from mydataproxy.upstream.client import InvalidResponse, ResponseFraming, parseResponseHead, responseFraming
 
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n")
 _FIELD_LINE = (
@@ -41,9 +43,10 @@ def oracle(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
     return (status.group(1), code, status.group(3) or b"", _FIELD_PARTS.findall(head, start))
 
 
-def outcome(parse, head: bytes) -> tuple:
+def outcome(decide: Callable[[], object]) -> tuple:
+    """What C{decide} returned, or the message it refused with."""
     try:
-        return ("accepted", parse(head))
+        return ("accepted", decide())
     except InvalidResponse as e:
         return ("refused", str(e))
 
@@ -65,7 +68,10 @@ def mostly(clean: st.SearchStrategy[bytes], odd: st.SearchStrategy[bytes]) -> st
 versions = mostly(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]), st.sampled_from([b"HTTP/1.2", b"HTTP/2.0", b"http/1.1", b""]))
 codes = mostly(
     st.integers(100, 599).map(lambda n: b"%03d" % n),
-    st.one_of(st.integers(0, 999).map(lambda n: b"%03d" % n), st.sampled_from([b"20", b"2000", b"2x0", b" 200", b""])),
+    st.one_of(
+        st.one_of(st.integers(0, 99), st.integers(600, 999)).map(lambda n: b"%03d" % n),
+        st.sampled_from([b"20", b"2000", b"2x0", b" 200", b""]),
+    ),
 )
 reasons = st.one_of(st.none(), mostly(pieces(VISIBLE + TOKEN + [b" ", b"\t"], 0, 8), pieces(VISIBLE + NASTY, 1, 8)))
 ends = mostly(st.just(b"\r\n"), st.sampled_from([b"\n", b"\r", b"\r\r\n", b"\n\r", b""]))
@@ -88,31 +94,90 @@ def heads(draw) -> bytes:
     status = draw(versions) + b" " + draw(codes) + (b"" if reason is None else b" " + reason) + draw(ends)
     head = status + b"".join(draw(st.lists(fieldLines(), max_size=8)))
     # A nasty byte or two anywhere, the status line and line ends included.
-    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+    for _ in range(draw(st.sampled_from([0, 0, 0, 0, 1, 2]))):
         at = draw(st.integers(0, len(head)))
         head = head[:at] + draw(st.sampled_from(NASTY)) + head[at + draw(st.integers(0, 1)) :]
     return head
 
 
-@settings(max_examples=1000, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(heads(), st.binary(max_size=64), st.binary(max_size=40).map(lambda b: b"HTTP/1.1 200 OK\r\n" + b)))
+@settings(max_examples=500, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 9).flatmap(
+        lambda n: st.binary(max_size=64).map(lambda b: (b"HTTP/1.1 200 OK\r\n" if n else b"") + b) if n < 2 else heads()
+    )
+)
 @example(b"HTTP/1.1 200 OK\r\n")
 @example(b"HTTP/1.1 200\r\nEmpty:\r\nSpaces: \t \r\n X: folded\r\n")
 @example(b"HTTP/1.1 200 OK\r\nA: b\r\nX Y: z\r\nC: d\r\n")
 @example(b"HTTP/1.1 200 OK\r\nA: b\r\nC: d")
 def test_parseResponseHeadMatchesTheOracle(head: bytes) -> None:
-    assert outcome(parseResponseHead, head) == outcome(oracle, head)
+    expected = outcome(lambda: oracle(head))
+    # `pytest --hypothesis-show-statistics` shows the grammar is not vacuous:
+    # a sixth or so of its heads are accepted, the rest refused every way.
+    event(expected[0] if expected[0] == "accepted" else str(expected[1]).split(" ")[0])
+    assert outcome(lambda: parseResponseHead(head)) == expected
 
 
-def test_theGrammarReachesEveryOutcome() -> None:
-    """The strategy is not vacuous: it builds accepted heads and each kind of refusal."""
-    seen: set[str] = set()
+def framingOracle(version: bytes, status: int, fields: list[tuple[bytes, bytes]], headOnly: bool) -> ResponseFraming:
+    """C{responseFraming} as it was before its single-value fast paths."""
+    lengths: set[bytes] = set()
+    codings: list[bytes] = []
+    closing = version == b"HTTP/1.0"
+    for name, value in fields:
+        size = len(name)
+        if size == 14 and name.lower() == b"content-length":
+            lengths.update(v.strip(b" \t") for v in value.split(b","))
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+        elif size == 10 and name.lower() == b"connection":
+            tokens = {t.strip(b" \t").lower() for t in value.split(b",")}
+            closing = b"close" in tokens or (closing and b"keep-alive" not in tokens)
+    declared: int | None = None
+    if lengths:
+        if len(lengths) != 1:
+            raise InvalidResponse("conflicting Content-Length values")
+        value = next(iter(lengths))
+        if not value.isdigit() or len(value) > 18:
+            raise InvalidResponse(f"invalid Content-Length {value[:20]!r}")
+        declared = int(value)
+    if codings:
+        if lengths:
+            raise InvalidResponse("both Content-Length and Transfer-Encoding")
+        if codings != [b"chunked"]:
+            raise InvalidResponse(f"unsupported transfer-coding {b', '.join(codings)[:80]!r}")
+        if version == b"HTTP/1.0":
+            raise InvalidResponse("Transfer-Encoding in an HTTP/1.0 response")
+    if headOnly or status in (204, 304):
+        return ResponseFraming(0, declared, False, closing)
+    if codings:
+        return ResponseFraming(None, declared, True, closing)
+    if declared is not None:
+        return ResponseFraming(declared, declared, False, closing)
+    return ResponseFraming(None, None, False, True)
 
-    @settings(max_examples=300, deadline=None, database=None)
-    @given(heads())
-    def collect(head: bytes) -> None:
-        kind, detail = outcome(oracle, head)
-        seen.add("accepted" if kind == "accepted" else str(detail).split(" ")[0])
 
-    collect()
-    assert {"accepted", "bad", "status", "malformed"} <= seen
+framingNames = st.sampled_from(
+    [b"Content-Length", b"content-length", b"CONTENT-length", b"Content-Lengths", b"Transfer-Encoding",
+     b"transfer-encoding", b"Connection", b"connection", b"CONNECTION", b"Connectio", b"Server", b"X-A"]
+)
+framingWords = st.sampled_from(
+    [b"0", b"5", b"05", b"100", b"1" * 18, b"1" * 19, b"-1", b"+5", b"0x5", b"\xd9\xa3", b"", b"chunked", b"Chunked",
+     b"gzip", b"identity", b"close", b"Close", b"keep-alive", b"Keep-Alive", b"upgrade"]
+)
+framingValues = st.lists(
+    st.tuples(pieces([b" ", b"\t"], 0, 2), framingWords, pieces([b" ", b"\t"], 0, 2)).map(b"".join),
+    min_size=1, max_size=3,
+).map(b",".join)
+
+
+@settings(max_examples=300, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+    st.sampled_from([100, 200, 204, 206, 304, 404]),
+    st.lists(st.tuples(framingNames, framingValues), max_size=5),
+    st.booleans(),
+)
+def test_responseFramingMatchesTheOracle(version: bytes, status: int, fields: list, headOnly: bool) -> None:
+    assert outcome(lambda: responseFraming(version, status, fields, headOnly)) == outcome(
+        lambda: framingOracle(version, status, fields, headOnly)
+    )
