@@ -11,13 +11,17 @@ C{other}: L{DestinationLabels}), the rule of a refusal (at most
 L{MAX_REFUSAL_RULES} distinct, then C{other}), the check a TLS handshake
 failed (L{tlsCheck}).
 
-The hot path is cheap: the children a finished request touches are bound
-once per (mode, method class, status) and kept in a dict, so counting one
-request is a dict lookup and four increments.  Values that already live
-elsewhere (open connections, tunnels, pool connections, queue depths, lines
-a log dropped, certificate expiry) are read when scraped, from what the
-daemon registered with the C{watch*} methods; scrapes run on the reactor
-thread (L{mydataproxy.ops.admin}), so reading the reactor's state is safe.
+The hot path is cheap: the request families (count, duration, body bytes)
+are counted here, in plain floats bound once per (mode, method class,
+status), and turned into families only when scraped
+(L{ProxyMetrics._collectRequests}).  prometheus_client takes a lock and
+checks the child on every C{inc} and C{observe}, four times a request;
+no lock is needed here, as the reactor thread is the only one that counts
+and the only one that scrapes.  Values that already live elsewhere (open
+connections, tunnels, pool connections, queue depths, lines a log dropped,
+certificate expiry) are read when scraped, from what the daemon registered
+with the C{watch*} methods; scrapes run on the reactor thread
+(L{mydataproxy.ops.admin}), so reading the reactor's state is safe.
 
 With workers (L{mydataproxy.workers}) each process keeps its own metrics;
 L{parseExposition} reads a worker's exposition back and L{aggregate} sums
@@ -26,18 +30,23 @@ the processes' families into one view, by what each family means.
 
 from __future__ import annotations
 
+import itertools
+import operator
+import os
 import platform
 import time
+from bisect import bisect_left
 from importlib.metadata import PackageNotFoundError, version
-import operator
 from typing import Callable, Iterable, Iterator, Protocol, Sized
 
 import twisted
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from mydataproxy.config import Settings
 from mydataproxy.http.hosts import hostMatches
@@ -57,8 +66,23 @@ _METHOD_CLASSES = {b"GET": "safe", b"HEAD": "safe", b"OPTIONS": "safe", b"TRACE"
 MAX_REFUSAL_RULES = 200
 
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_REQUEST_BOUNDS = (*_REQUEST_BUCKETS, float("inf"))
+_REQUEST_LE = tuple(floatToGoString(bound) for bound in _REQUEST_BOUNDS)
 _UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Whether prometheus_client writes _created samples: its documented switch,
+# read as it reads it, so the request families are written as its own would be.
+_CREATED = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+# The request families ProxyMetrics counts itself: family, name, help, labels.
+_REQUEST_FAMILIES = (
+    (CounterMetricFamily, "mydataproxy_requests", "Requests answered, by mode, method class and status",
+     ["mode", "method", "status"]),
+    (HistogramMetricFamily, "mydataproxy_request_duration_seconds",
+     "Time from a request's head to its access line, by mode", ["mode"]),
+    (CounterMetricFamily, "mydataproxy_client_received_bytes", "Body bytes received from clients, by mode", ["mode"]),
+    (CounterMetricFamily, "mydataproxy_client_sent_bytes", "Body bytes sent to clients, by mode", ["mode"]),
+)
 
 # What describeHandshakeFailure and OriginTLS.checkPeer say, to the check's name.
 _TLS_CHECKS = (
@@ -133,6 +157,31 @@ class WatchedLog(Protocol):
     lost: int
 
 
+class _Count:
+    """One series of C{mydataproxy_requests}: its count, and when it was first counted."""
+
+    __slots__ = ("value", "created")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+
+class _ModeCounts:
+    """
+    One mode's series: its request durations (a count per bucket of
+    L{_REQUEST_BOUNDS}, not cumulative) and their sum, the body bytes
+    received and sent, and when they were first counted.
+    """
+
+    __slots__ = ("buckets", "seconds", "received", "sent", "created")
+
+    def __init__(self) -> None:
+        self.buckets = [0.0] * len(_REQUEST_BOUNDS)
+        self.seconds = self.received = self.sent = 0.0
+        self.created = time.time()
+
+
 class ProxyMetrics:
     """
     The proxy's metrics, on C{registry} (a new one if not given): build one
@@ -142,20 +191,10 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
         self.registry = registry = registry if registry is not None else CollectorRegistry()
         self._now = now
-        self.requests = Counter(
-            "mydataproxy_requests", "Requests answered, by mode, method class and status",
-            ["mode", "method", "status"], registry=registry,
-        )
-        self.requestSeconds = Histogram(
-            "mydataproxy_request_duration_seconds", "Time from a request's head to its access line, by mode",
-            ["mode"], buckets=_REQUEST_BUCKETS, registry=registry,
-        )
-        self.receivedBytes = Counter(
-            "mydataproxy_client_received_bytes", "Body bytes received from clients, by mode", ["mode"], registry=registry
-        )
-        self.sentBytes = Counter(
-            "mydataproxy_client_sent_bytes", "Body bytes sent to clients, by mode", ["mode"], registry=registry
-        )
+        self._requestSeries: dict[tuple[str, str, int], tuple[_Count, _ModeCounts]] = {}
+        self._requestCounts: dict[tuple[str, str, str], _Count] = {}
+        self._modeCounts: dict[str, _ModeCounts] = {}
+        registry.register(_Collector(self._collectRequests, _requestFamilies))
         self.connectSeconds = Histogram(
             "mydataproxy_upstream_connect_seconds", "Time to open a TCP connection to an origin, by destination",
             ["destination"], buckets=_UPSTREAM_BUCKETS, registry=registry,
@@ -189,7 +228,6 @@ class ProxyMetrics:
             {"version": buildVersion(), "python": platform.python_version(), "twisted": twisted.__version__}
         )
         ProcessCollector(registry=registry)
-        self._requestChildren: dict[tuple[str, str, int], tuple] = {}
         self._queueChildren: dict[str, object] = {}
         self._refusalChildren: dict[str, object] = {}
         self._listeners: dict[str, WatchedListener] = {}
@@ -197,7 +235,7 @@ class ProxyMetrics:
         self._queues: dict[str, Callable[[], int]] = {}
         self._logs: dict[str, WatchedLog] = {}
         self._certificates: dict[str, dict[str, float]] = {}
-        registry.register(_Watched(self))
+        registry.register(_Collector(self._collect))
 
     # Counted as it happens
 
@@ -209,31 +247,28 @@ class ProxyMetrics:
 
         @param mode: From L{requestMode}.
         @param status: The status answered, 0 if none.
+        @param seconds: Not NaN (a difference of monotonic times).
         """
-        methodClass = _METHOD_CLASSES.get(method, "unsafe")
-        key = (mode, methodClass, status)
-        children = self._requestChildren.get(key)
-        if children is None:
-            children = self._bindRequest(key)
-        count, duration, received, sent = children
-        count.inc()
-        duration.observe(seconds)
-        if bytesIn:
-            received.inc(bytesIn)
-        if bytesOut:
-            sent.inc(bytesOut)
+        key = (mode, _METHOD_CLASSES.get(method, "unsafe"), status)
+        series = self._requestSeries.get(key)
+        if series is None:
+            series = self._bindRequest(key)
+        count, counts = series
+        count.value += 1
+        # Prometheus' bucket: the first bound not below the value.
+        counts.buckets[bisect_left(_REQUEST_BOUNDS, seconds)] += 1
+        counts.seconds += seconds
+        counts.received += bytesIn
+        counts.sent += bytesOut
 
-    def _bindRequest(self, key: tuple[str, str, int]) -> tuple:
+    def _bindRequest(self, key: tuple[str, str, int]) -> tuple[_Count, _ModeCounts]:
         mode, methodClass, status = key
         label = _STATUS_LABELS[status] if 0 <= status < 600 else "none"
-        children = (
-            self.requests.labels(mode, methodClass, label),
-            self.requestSeconds.labels(mode),
-            self.receivedBytes.labels(mode),
-            self.sentBytes.labels(mode),
+        series = self._requestSeries[key] = (
+            self._requestCounts.setdefault((mode, methodClass, label), _Count()),
+            self._modeCounts.setdefault(mode, _ModeCounts()),
         )
-        self._requestChildren[key] = children
-        return children
+        return series
 
     def refused(self, rule: str) -> None:
         """Count a refusal by C{rule} (the setting named by a L{mydataproxy.http.target.Refusal})."""
@@ -287,6 +322,22 @@ class ProxyMetrics:
             expiries[subject] = min(notAfter, expiries.get(subject, notAfter))
         self._certificates[store] = expiries
 
+    def _collectRequests(self) -> Iterator[Metric]:
+        requests, duration, received, sent = _requestFamilies()
+        for labels, count in self._requestCounts.items():
+            requests.add_metric(labels, count.value, count.created if _CREATED else None)
+        for mode, counts in self._modeCounts.items():
+            created = counts.created if _CREATED else None
+            duration.add_metric([mode], list(zip(_REQUEST_LE, itertools.accumulate(counts.buckets))), counts.seconds)
+            if _CREATED:
+                duration.samples.append(Sample(duration.name + "_created", {"mode": mode}, created))
+            received.add_metric([mode], counts.received, created)
+            sent.add_metric([mode], counts.sent, created)
+        yield requests
+        yield duration
+        yield received
+        yield sent
+
     def _collect(self) -> Iterator[Metric]:
         connections = GaugeMetricFamily(
             "mydataproxy_client_connections", "Client connections open, by listener", labels=["listener"]
@@ -339,14 +390,22 @@ class ProxyMetrics:
         yield expiry
 
 
-class _Watched:
-    """The collector of what L{ProxyMetrics} reads when scraped."""
+def _requestFamilies() -> list[Metric]:
+    """The request families, without samples yet."""
+    return [family(name, text, labels=labels) for family, name, text, labels in _REQUEST_FAMILIES]
 
-    def __init__(self, metrics: ProxyMetrics) -> None:
-        self._metrics = metrics
 
-    def collect(self) -> Iterator[Metric]:
-        return self._metrics._collect()
+class _Collector:
+    """
+    A collector of families L{ProxyMetrics} makes when scraped; C{describe}
+    names those the registry keeps the names of (as it does its own metrics').
+    """
+
+    def __init__(
+        self, collect: Callable[[], Iterable[Metric]], describe: Callable[[], Iterable[Metric]] = lambda: (),
+    ) -> None:
+        self.collect = collect
+        self.describe = describe
 
 
 class DestinationLabels:

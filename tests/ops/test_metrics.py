@@ -10,6 +10,7 @@ and over real loopback sockets (plain and TLS origins).
 from __future__ import annotations
 
 import datetime
+import re
 import timeit
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client import generate_latest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, error, reactor
 from twisted.internet.address import IPv4Address
@@ -460,3 +464,107 @@ def test_countingARequestIsCheap() -> None:
     perRequest = seconds / runs
     print(f"requestFinished: {perRequest * 1e6:.2f} us per request")
     assert perRequest < 50e-6
+
+
+# ---------------------------------------------------------------------------
+# The request families, counted by ProxyMetrics itself, read as
+# prometheus_client's own Counter and Histogram would write them
+# ---------------------------------------------------------------------------
+
+_REQUEST_FAMILY_NAMES = (
+    "mydataproxy_requests", "mydataproxy_request_duration_seconds",
+    "mydataproxy_client_received_bytes", "mydataproxy_client_sent_bytes",
+)
+
+
+# The buckets the request durations always had.
+_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class OracleRequests:
+    """
+    The request families as they were kept before: prometheus_client's
+    children, bound once per key (the labels as the module makes them).
+    """
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "mydataproxy_requests", "Requests answered, by mode, method class and status",
+            ["mode", "method", "status"], registry=registry,
+        )
+        self.requestSeconds = Histogram(
+            "mydataproxy_request_duration_seconds", "Time from a request's head to its access line, by mode",
+            ["mode"], buckets=_REQUEST_BUCKETS, registry=registry,
+        )
+        self.receivedBytes = Counter(
+            "mydataproxy_client_received_bytes", "Body bytes received from clients, by mode", ["mode"], registry=registry
+        )
+        self.sentBytes = Counter(
+            "mydataproxy_client_sent_bytes", "Body bytes sent to clients, by mode", ["mode"], registry=registry
+        )
+        self._children: dict[tuple[str, str, int], tuple] = {}
+
+    def requestFinished(self, mode: str, method: bytes, status: int, seconds: float, bytesIn: int, bytesOut: int) -> None:
+        methodClass = metricsModule._METHOD_CLASSES.get(method, "unsafe")
+        key = (mode, methodClass, status)
+        children = self._children.get(key)
+        if children is None:
+            label = metricsModule._STATUS_LABELS[status] if 0 <= status < 600 else "none"
+            children = self._children[key] = (
+                self.requests.labels(mode, methodClass, label),
+                self.requestSeconds.labels(mode),
+                self.receivedBytes.labels(mode),
+                self.sentBytes.labels(mode),
+            )
+        count, duration, received, sent = children
+        count.inc()
+        duration.observe(seconds)
+        if bytesIn:
+            received.inc(bytesIn)
+        if bytesOut:
+            sent.inc(bytesOut)
+
+
+class Families:
+    """A registry's stand-in for the exposition encoders: the given families."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self) -> list:
+        return self.families
+
+
+def requestExpositions(registry: CollectorRegistry) -> tuple[str, str]:
+    """The request families in the text and the OpenMetrics formats, every C{_created} time as C{T}."""
+    families = Families([f for f in registry.collect() if f.name in _REQUEST_FAMILY_NAMES])
+    texts = generate_latest(families).decode(), openmetrics.generate_latest(families).decode()
+    return tuple(re.sub(r"^(\S+_created(?:\{[^}]*\})?) \S+$", r"\1 T", text, flags=re.MULTILINE) for text in texts)
+
+
+_TRAFFIC = st.lists(st.tuples(
+    st.sampled_from(["absolute", "header", "connect", "reverse"]),
+    st.sampled_from([b"GET", b"HEAD", b"POST", b"CONNECT", b"OPTIONS", b"BREW", b""]),
+    st.one_of(st.sampled_from([0, 200, 418, 499, 502, 600]), st.integers(-5, 1000)),
+    st.one_of(st.sampled_from(_REQUEST_BUCKETS), st.floats(min_value=0, max_value=300)),
+    st.integers(0, 2**40),
+    st.integers(0, 2**40),
+), max_size=40)
+
+
+@given(_TRAFFIC)
+def test_requestFamiliesAreWrittenAsPrometheusClientWroteThem(traffic: list[tuple]) -> None:
+    m, oracle = ProxyMetrics(), OracleRequests()
+    for request in traffic:
+        m.requestFinished(*request)
+        oracle.requestFinished(*request)
+    assert requestExpositions(m.registry) == requestExpositions(oracle.registry)
+
+
+def test_requestFamiliesKeepTheirNamesInTheRegistry() -> None:
+    m = ProxyMetrics()
+    with pytest.raises(ValueError):
+        Counter("mydataproxy_requests", "a second one", registry=m.registry)
+    with pytest.raises(ValueError):
+        Histogram("mydataproxy_request_duration_seconds", "a second one", registry=m.registry)
