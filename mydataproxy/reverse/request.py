@@ -271,7 +271,7 @@ class ReverseRequest(ProxiedRequest):
         head = [b"HTTP/1.1 101 %s\r\n" % reason]
         head.extend(b"%s: %s\r\n" % field for field in self.responseFields(fields))
         head.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n\r\n" % self._upgrade)
-        self.channel.transport.writeSequence(head)
+        self.channel.writer.writeSequence(head)
         tunnel = UpgradeTunnel(self, connection)
         connection.relayTo(tunnel)
         self._finished = True

@@ -67,11 +67,20 @@ class Listener(Protocol):
     idleTimeout: float
 
 
+class ClientWriter(Protocol):
+    """Where a response's bytes go (the channel's writer)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, parts: list[bytes]) -> None: ...
+
+
 class RequestChannel(Protocol):
     """What a request needs of the client connection it arrived on."""
 
     factory: Listener
     transport: object
+    writer: ClientWriter
 
     @property
     def persistent(self) -> bool: ...
@@ -155,6 +164,7 @@ class ProxiedRequest:
     __slots__ = (
         "channel", "head", "started", "target", "clientIP", "status", "bytesIn", "bytesOut",
         "upstreamAddress", "rule", "timing", "_exchange", "_bodyComplete", "_responseStarted", "_finished", "_chunked",
+        "_heldHead",
     )
 
     def __init__(self, channel: RequestChannel, head: RequestHead) -> None:
@@ -174,6 +184,7 @@ class ProxiedRequest:
         self._responseStarted = False
         self._finished = False
         self._chunked = False
+        self._heldHead: bytes | None = None
 
     @property
     def proxy(self) -> Listener:
@@ -232,7 +243,7 @@ class ProxiedRequest:
             and (head.values(b"expect") or [b""])[0].lower() == b"100-continue"
         ):
             # The proxy answers Expect itself (the origin never sees it).
-            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.channel.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._exchange.start(destination, upstreamHead)
 
     def _routeFailed(self, failure: Failure) -> None:
@@ -310,8 +321,12 @@ class ProxiedRequest:
         elif version == b"HTTP/1.0":
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
-        # One write: the head leaves in one segment.
-        channel.transport.write(b"".join(head))
+        if bodyLength:
+            # Sent with the first body bytes, in one segment: they are
+            # nearly always in the same read from the origin.
+            self._heldHead = b"".join(head)
+        else:
+            channel.writer.write(b"".join(head))
         if bodyLength != 0 and channel.writesBlocked:
             self.pauseProducing()
 
@@ -320,15 +335,18 @@ class ProxiedRequest:
             return
         self.bytesOut += len(data)
         if self._chunked:
-            self.channel.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.channel.writer.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        elif self._heldHead is not None:
+            head, self._heldHead = self._heldHead, None
+            self.channel.writer.writeSequence([head, data])
         else:
-            self.channel.transport.write(data)
+            self.channel.writer.write(data)
 
     def responseFinished(self) -> None:
         if self._finished:
             return
         if self._chunked:
-            self.channel.transport.write(b"0\r\n\r\n")
+            self.channel.writer.write(b"0\r\n\r\n")
         self._done()
 
     def responseFailed(self, failure: UpstreamError) -> None:
@@ -388,7 +406,7 @@ class ProxiedRequest:
         self.status = status
         headOnly = self.head.method == b"HEAD"
         self.bytesOut = 0 if headOnly else len(body)
-        channel.transport.write(
+        channel.writer.write(
             rules.ownResponse(
                 self.head.version, status, body, fields, close=not channel.persistent, headOnly=headOnly
             )

@@ -1053,6 +1053,27 @@ def test_memory_backpressure_stalled_client_download(proxy_factory, origin):
     assert peak_growth_kib(p, baseline, hwm_before, sampler) <= RSS_BUDGET_KIB
 
 
+@pytest.mark.parametrize("form", ["bytes", "chunked"])
+def test_responses_stay_whole_when_a_stalled_client_fills_the_socket(proxy_factory, origin, form):
+    """
+    The proxy writes to a plain client socket directly until the kernel
+    takes less than all, then through Twisted: the bytes around that switch,
+    and the responses after it on the same connection, arrive whole and in
+    order.
+    """
+    route = Route("absolute", proxy_factory(), origin)
+    size = 4 * MiB
+    with route.connect(timeout=30) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+        for n in (size, 1000, size):
+            c.send(route.request("GET", f"/{form}/{n}"))
+            time.sleep(0.3)  # the proxy meets a full socket
+            response = c.read_response()
+            assert response.status == 200
+            assert response.chunked == (form == "chunked")
+            assert response.body == patternBytes(n)
+
+
 def test_memory_backpressure_slow_origin_upload(proxy_factory, origin):
     """An origin that does not read must stop the proxy reading from the client."""
     p = proxy_factory()
