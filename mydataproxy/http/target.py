@@ -35,17 +35,21 @@ class Destination:
     rule: str = field(default="", compare=False)
     #: The C{Host} field value for this destination (worked out once).
     authority: bytes = field(init=False, compare=False, repr=False)
+    #: C{scheme://authority}, as logs show it.
+    origin: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
         if self.port != default:
             host = f"{host}:{self.port}"
-        # Frozen: the derived field is set the way dataclasses set fields.
-        object.__setattr__(self, "authority", host.encode("idna") if not host.isascii() else host.encode("ascii"))
+        authority = host.encode("idna") if not host.isascii() else host.encode("ascii")
+        # Frozen: the derived fields are set the way dataclasses set fields.
+        object.__setattr__(self, "authority", authority)
+        object.__setattr__(self, "origin", f"{self.scheme}://{authority.decode('ascii')}")
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{self.authority.decode('ascii')}"
+        return self.origin
 
 
 MISSING_TARGET_HOST = "you have to include x-target-host header"
@@ -97,7 +101,7 @@ class Target:
         if self.mode is Mode.CONNECT:
             host = self.destination.host
             return f"[{host}]:{self.destination.port}" if ":" in host else f"{host}:{self.destination.port}"
-        return str(self.destination) + self.path.decode("ascii", "replace")
+        return self.destination.origin + self.path.decode("ascii", "replace")
 
 
 def parseAuthority(authority: bytes, defaultPort: int | None, userinfo: bool = False) -> tuple[str, int]:

@@ -354,7 +354,7 @@ class ProxyChannel(Protocol):
         "tunnel", "client", "_state", "_buffer", "_scanned", "_request", "_decoder",
         "_persistent", "_headDeadline", "_lingerCall", "_closeCall", "_discarded", "_pausedFor",
         "_processing", "_writesBlocked", "_readClosed", "_peer", "_localPort", "_certificate",
-        "_graceCall", "_producing", "_idleTimer", "writer",
+        "_graceCall", "_producing", "_idleTimer", "writer", "_endpoint",
     )
 
     def __init__(self, client: str) -> None:
@@ -375,6 +375,7 @@ class ProxyChannel(Protocol):
         self._writesBlocked = False
         self._readClosed = False
         self._peer = None
+        self._endpoint: str | None = None
         self._localPort: int | None = None
         self._certificate: str | None = None
         self._graceCall: IDelayedCall | None = None
@@ -416,9 +417,11 @@ class ProxyChannel(Protocol):
         return self.client
 
     def clientEndpoint(self) -> str:
-        """The socket peer as C{address:port}, for the access log."""
-        peer = self.getPeer()
-        return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        """The socket peer as C{address:port}, for the access log (worked out once)."""
+        if self._endpoint is None:
+            peer = self.getPeer()
+            self._endpoint = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        return self._endpoint
 
     def setTimeout(self, period: float | None) -> None:
         """Count C{period} seconds of client silence from now (L{None}: don't)."""
