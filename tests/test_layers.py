@@ -15,6 +15,7 @@ from pathlib import Path
 import mydataproxy
 
 LAYERS = (
+    ("mydataproxy.sockets",),
     ("mydataproxy.http",),
     ("mydataproxy.config",),
     ("mydataproxy.egress",),

@@ -23,11 +23,9 @@ here, before any request exists.
 
 from __future__ import annotations
 
-import socket
 import typing
 
 import txaio
-from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -43,6 +41,7 @@ from mydataproxy.ops.logs import AccessLog
 from mydataproxy.ops.metrics import METRICS
 from mydataproxy.pipeline import RequestPipeline
 from mydataproxy.server.request import displayURI
+from mydataproxy.sockets import DirectWriter, directSocket
 from mydataproxy.tls.contexts import clientSubject
 from mydataproxy.upstream.client import UpstreamPool
 
@@ -212,69 +211,6 @@ class _Reading:
     TUNNEL = 4  # raw bytes for a CONNECT tunnel
 
 
-def directSocket(transport) -> socket.socket | None:
-    """The socket of C{transport} if L{ClientWriter} may write to it directly: plain TCP."""
-    if isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(transport):
-        # Each write is sent as it is made, not held for the ACK of the last
-        # (Nagle's algorithm against the client's delayed ACK would hold a
-        # body written after its head for 40 ms).
-        transport.setTcpNoDelay(True)
-        return transport.getHandle()
-    return None
-
-
-class ClientWriter:
-    """
-    Writes to a client connection.
-
-    Twisted's transport writes on the reactor's next turn: one more poll
-    event, two epoll updates and a dispatch per write, which on small
-    responses costs as much as relaying them.  So on a plain TCP connection
-    (C{sock}) we send straight to the socket, until the kernel first takes
-    less than all: what it left, and everything after it, go to the
-    transport (whose buffer we can't see, so bytes never overtake each
-    other).  A small keep-alive exchange never gets there.
-    """
-
-    __slots__ = ("_transport", "_socket")
-
-    def __init__(self, transport, sock: socket.socket | None) -> None:
-        self._transport = transport
-        self._socket = sock
-
-    def write(self, data: bytes) -> None:
-        sock = self._socket
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # EAGAIN, or an error the transport will meet and report
-            if sent == len(data):
-                return
-            self._socket = None
-            data = data[sent:]
-        self._transport.write(data)
-
-    def writeSequence(self, parts: list[bytes]) -> None:
-        """Write C{parts}, in one system call while writing directly."""
-        sock = self._socket
-        if sock is not None:
-            try:
-                sent = sock.sendmsg(parts)
-            except OSError:
-                sent = 0
-            data = b"".join(parts)
-            if sent == len(data):
-                return
-            self._socket = None
-            parts = [data[sent:]]
-        self._transport.writeSequence(parts)
-
-    def stopWritingDirectly(self) -> None:
-        """From now on everything goes through the transport (others write to it too)."""
-        self._socket = None
-
-
 class IdleTimer:
     """
     A connection's idle timeout, cheap to stop and restart: counting
@@ -383,7 +319,7 @@ class ProxyChannel(Protocol):
         self._producing = False
         self._idleTimer: IdleTimer | None = None
         #: What writes to the client go through (set once connected).
-        self.writer: ClientWriter | None = None
+        self.writer: DirectWriter | None = None
 
     @property
     def limits(self) -> LimitSettings:
@@ -434,7 +370,7 @@ class ProxyChannel(Protocol):
         self._idleTimer = IdleTimer(self.factory.reactor, self.timeoutConnection)
         self.setTimeout(self.factory.idleTimeout)
         transport = self.transport
-        self.writer = ClientWriter(transport, directSocket(transport))
+        self.writer = DirectWriter(transport, directSocket(transport))
         transport.registerProducer(self, True)
         self._producing = True
         if self.factory.draining:

@@ -9,7 +9,8 @@ import socket
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mydataproxy.server.channel import ClientWriter, IdleTimer, directSocket
+from mydataproxy.server.channel import IdleTimer
+from mydataproxy.sockets import DirectWriter, directSocket
 
 
 def _timer():
@@ -105,7 +106,7 @@ class KernelDouble:
 
 def test_writes_go_to_the_socket_while_it_takes_all():
     kernel, transport = KernelDouble(100), StringTransport()
-    writer = ClientWriter(transport, kernel)
+    writer = DirectWriter(transport, kernel)
     writer.write(b"head")
     writer.writeSequence([b"a", b"b"])
     assert (kernel.sent, transport.value()) == (b"headab", b"")
@@ -113,7 +114,7 @@ def test_writes_go_to_the_socket_while_it_takes_all():
 
 def test_after_a_short_write_everything_goes_through_the_transport_in_order():
     kernel, transport = KernelDouble(6), StringTransport()
-    writer = ClientWriter(transport, kernel)
+    writer = DirectWriter(transport, kernel)
     writer.write(b"0123456789")
     kernel.room = 1000  # the kernel has room again, but the transport still holds bytes
     writer.write(b"abc")
@@ -124,7 +125,7 @@ def test_after_a_short_write_everything_goes_through_the_transport_in_order():
 
 def test_a_full_socket_hands_the_whole_sequence_to_the_transport():
     kernel, transport = KernelDouble(0), StringTransport()
-    writer = ClientWriter(transport, kernel)
+    writer = DirectWriter(transport, kernel)
     writer.writeSequence([b"1\r\n", b"x", b"\r\n"])
     kernel.room = 1000
     writer.write(b"0\r\n\r\n")
@@ -133,7 +134,7 @@ def test_a_full_socket_hands_the_whole_sequence_to_the_transport():
 
 def test_once_stopped_the_writer_leaves_the_socket_alone():
     kernel, transport = KernelDouble(100), StringTransport()
-    writer = ClientWriter(transport, kernel)
+    writer = DirectWriter(transport, kernel)
     writer.stopWritingDirectly()
     writer.write(b"x")
     assert (kernel.sent, transport.value()) == (b"", b"x")
