@@ -27,7 +27,6 @@ import enum
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, NamedTuple, Protocol as TypingProtocol
 
 import txaio
@@ -202,18 +201,22 @@ class _Unobserved:
 UNOBSERVED: UpstreamObserver = _Unobserved()
 
 
-@dataclass(frozen=True, slots=True)
 class UpstreamTiming:
     """
     How one exchange went, for its access line (seconds; L{None} for what
     did not happen on this exchange: no connect or handshake on a reused
-    connection, no TLS to a plain origin).
+    connection, no TLS to a plain origin).  Read-only by convention: one is
+    made per exchange, and a plain slotted class costs half what a frozen
+    dataclass does to build.
     """
 
-    connect: float | None
-    handshake: float | None
-    firstByte: float
-    tlsVersion: str
+    __slots__ = ("connect", "handshake", "firstByte", "tlsVersion")
+
+    def __init__(self, connect: float | None, handshake: float | None, firstByte: float, tlsVersion: str) -> None:
+        self.connect = connect
+        self.handshake = handshake
+        self.firstByte = firstByte
+        self.tlsVersion = tlsVersion
 
 
 class RawSink(TypingProtocol):
@@ -387,6 +390,8 @@ class UpstreamConnection(Protocol):
 
     @param observer: Told how long connecting, the TLS handshake and each
         first response byte took (by C{now}), and of a failed handshake.
+    @param now: The time; the read and idle timeouts need it to be the
+        time of C{pool.clock}, which sets their timer.
     """
 
     def __init__(
@@ -417,7 +422,15 @@ class UpstreamConnection(Protocol):
         self._statusChecked = False
         self._trailerFields = 0
         self._trailerBytes = 0
-        self._idleCall: IDelayedCall | None = None
+        # One timer serves both the read timeout and the idle timeout, so a
+        # request on a pooled connection costs no timer of its own: it is
+        # only ever moved sooner, and when it fires before the deadline then
+        # in force it is set again for that deadline (_timerFired).
+        self._timer: IDelayedCall | None = None
+        self._reader: "UpstreamExchange | None" = None
+        self._readTimeout = 0.0
+        self._activeAt = 0.0
+        self._idleTimeout: float | None = None
         self.idleSince = 0.0
         self.evicted = False
         self.ready: defer.Deferred = defer.Deferred()
@@ -493,7 +506,8 @@ class UpstreamConnection(Protocol):
             self._receivedAny = True
             self.firstByteSeconds = self._now() - self._sentAt
             self.observer.firstByte(self.label, self.firstByteSeconds)
-        exchange.activity()
+        if self._reader is not None:
+            self._activeAt = self._now()
         state = self._state
         # Fast paths: the common large-body cases, delivered without copying.
         if state is _State.LENGTH and len(data) < self._remaining:
@@ -750,8 +764,10 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:
         self.reusable = False
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
+        self._reader = None
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         self.pool.connectionClosed(self)
         sink, self._sink = self._sink, None
         if sink is not None:
@@ -795,16 +811,63 @@ class UpstreamConnection(Protocol):
 
     # Pool life
 
-    def idleFor(self, clock: IReactorTime, seconds: float) -> None:
+    def idleFor(self, seconds: float) -> None:
         """Park in the pool; close after C{seconds} unused."""
-        self.idleSince = clock.seconds()
-        self._idleCall = clock.callLater(seconds, self.transport.loseConnection)
+        now = self._now()
+        self.idleSince = now
+        self._idleTimeout = seconds
+        self._fireBy(now + seconds, now)
 
     def takenFromPool(self) -> None:
         self.reused = True
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
+        self._idleTimeout = None
+
+    # Timeouts
+
+    def watchRead(self, exchange: "UpstreamExchange", seconds: float) -> None:
+        """
+        Call C{exchange.readTimedOut} once the origin has been silent for
+        C{seconds}; every read starts the count again.
+        """
+        now = self._now()
+        self._reader = exchange
+        self._readTimeout = seconds
+        self._activeAt = now
+        self._fireBy(now + seconds, now)
+
+    def unwatchRead(self, exchange: "UpstreamExchange") -> None:
+        """Stop the read timeout C{exchange} started, if it still runs."""
+        if self._reader is exchange:
+            self._reader = None
+
+    def _fireBy(self, deadline: float, now: float) -> None:
+        """Have the timer fire at C{deadline} or before."""
+        timer = self._timer
+        if timer is not None:
+            if timer.getTime() <= deadline:
+                return
+            # Not reset(): Twisted moves a call sooner by a linear search of its heap.
+            timer.cancel()
+        self._timer = self.pool.clock.callLater(deadline - now, self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        now = self._now()
+        reader = self._reader
+        if reader is not None:
+            deadline = self._activeAt + self._readTimeout
+            if now >= deadline:
+                self._reader = None
+                reader.readTimedOut()
+                return
+        elif self._idleTimeout is not None:
+            deadline = self.idleSince + self._idleTimeout
+            if now >= deadline:
+                self.transport.loseConnection()
+                return
+        else:
+            return  # nothing is timed now; the next watchRead or idleFor sets the timer
+        self._fireBy(deadline, now)
 
     # IPushProducer, for the response body towards a slow client.
 
@@ -948,7 +1011,8 @@ class UpstreamExchange:
         self._readPaused = False
         self._ended = False
         self._retried = False
-        self._timeoutCall: IDelayedCall | None = None
+        # The connection the read timeout runs on (UpstreamConnection.watchRead).
+        self._timeoutOn: UpstreamConnection | None = None
 
     @property
     def bodyWanted(self) -> bool:
@@ -1051,16 +1115,12 @@ class UpstreamExchange:
             # A transport unregistering its producer does not resume it: a
             # client paused by the last full write would stay paused.
             self._valve.close()
-            if self._timeoutCall is None and not self._readPaused:
+            if self._timeoutOn is None and not self._readPaused:
                 # The origin has the whole request: from now on its silence
                 # is its own (a slow upload is the client's doing).
                 self._armTimeout()
 
     # Response, from the connection.
-
-    def activity(self) -> None:
-        if self._timeoutCall is not None:
-            self._timeoutCall.reset(self.readTimeout)
 
     def headReceived(
         self, status: int, reason: bytes, fields: HeaderList, bodyLength: int | None, declaredLength: int | None
@@ -1169,15 +1229,17 @@ class UpstreamExchange:
     # Timeouts
 
     def _armTimeout(self) -> None:
-        self._timeoutCall = self.pool.clock.callLater(self.readTimeout, self._timedOut)
+        self._timeoutOn = self._connection
+        self._connection.watchRead(self, self.readTimeout)
 
     def _cancelTimeout(self) -> None:
-        if self._timeoutCall is not None and self._timeoutCall.active():
-            self._timeoutCall.cancel()
-        self._timeoutCall = None
+        connection, self._timeoutOn = self._timeoutOn, None
+        if connection is not None:
+            connection.unwatchRead(self)
 
-    def _timedOut(self) -> None:
-        self._timeoutCall = None
+    def readTimedOut(self) -> None:
+        """The origin was silent for C{readTimeout} (told by L{UpstreamConnection.watchRead})."""
+        self._timeoutOn = None
         seconds = self.readTimeout
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -1456,7 +1518,7 @@ class UpstreamPool:
             connection.takenFromPool()
             waiter.deferred.callback(connection)
             return
-        connection.idleFor(self.clock, self.settings.idle_timeout)
+        connection.idleFor(self.settings.idle_timeout)
         self._idle.setdefault(connection.destination, []).append(connection)
 
     def connectionClosed(self, connection: UpstreamConnection) -> None:

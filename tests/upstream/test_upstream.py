@@ -826,3 +826,73 @@ def test_freedRoomGoesToTheOldestWaiterAcrossDestinations() -> None:
     t.protocol.connectionLost(Failure(ConnectionLost()))
     assert h.reactor.tcpClients[-1][:2] == ("127.0.0.3", 8080)
     assert h.pool.queued == 1
+
+
+def pooledAfterOneResponse(h: Harness) -> StringTransport:
+    """A connection that answered one GET and went back to the pool."""
+    _, r, _ = h.exchange()
+    t = h.connectPending()
+    t.protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert r.finished and not t.disconnecting
+    return t
+
+
+def test_idleConnectionClosesAfterTheIdleTimeout() -> None:
+    h = Harness(idle_timeout=4.0, read_timeout=60.0)
+    t = pooledAfterOneResponse(h)
+    h.reactor.advance(3.9)
+    assert not t.disconnecting
+    h.reactor.advance(0.2)
+    assert t.disconnecting
+
+
+def test_reuseStartsTheIdleTimeoutAgain() -> None:
+    h = Harness(idle_timeout=4.0, read_timeout=60.0)
+    t = pooledAfterOneResponse(h)
+    h.reactor.advance(3)
+    _, r, _ = h.exchange()
+    t.protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert r.finished and len(h.reactor.tcpClients) == 1
+    h.reactor.advance(3.9)
+    assert not t.disconnecting, "idle for 3.9 s of a 4 s idle timeout"
+    h.reactor.advance(0.2)
+    assert t.disconnecting
+
+
+def test_aBusyConnectionOutlivesTheIdleTimeout() -> None:
+    h = Harness(idle_timeout=4.0, read_timeout=60.0)
+    t = pooledAfterOneResponse(h)
+    _, r, _ = h.exchange()
+    h.reactor.advance(59)
+    assert not t.disconnecting and r.failure is None
+    h.reactor.advance(1.1)
+    assert r.failure is not None and r.failure.status == 504
+
+
+def test_readTimeoutShorterThanTheIdleTimeoutOnAReusedConnection() -> None:
+    h = Harness(idle_timeout=30.0, read_timeout=5.0)
+    pooledAfterOneResponse(h)
+    h.reactor.advance(1)
+    _, r, _ = h.exchange()
+    h.reactor.advance(4.9)
+    assert r.failure is None
+    h.reactor.advance(0.2)
+    assert r.failure is not None and r.failure.status == 504
+
+
+def test_requestsOnAPooledConnectionShareOneTimer() -> None:
+    """Neither the read nor the idle timeout costs a timer per request; a closed connection leaves none."""
+    h = Harness()
+    t = pooledAfterOneResponse(h)
+    timersSet = []
+    callLater = h.reactor.callLater
+    h.reactor.callLater = lambda *a, **kw: timersSet.append(a) or callLater(*a, **kw)
+    for _ in range(50):
+        h.reactor.advance(0.5)
+        _, r, _ = h.exchange()
+        t.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        assert r.finished
+    assert len(timersSet) <= 2, "25 s of requests should set the timer again at most once or twice"
+    assert len(h.reactor.getDelayedCalls()) == 1
+    t.protocol.connectionLost(Failure(ConnectionDone()))
+    assert h.reactor.getDelayedCalls() == []
