@@ -916,13 +916,14 @@ class _BodyValve:
 
     def hold(self, paused: bool) -> None:
         """Pause or resume for the body held before the connection exists."""
-        if self._open:
+        if self._open and paused != self._heldPaused:
             self._set(self._transportPaused, paused)
 
     def close(self) -> None:
         """No more body is wanted: resume the client if paused, never pause it again."""
         if self._open:
-            self._set(False, False)
+            if self._transportPaused or self._heldPaused:
+                self._set(False, False)
             self._open = False
 
     # IPushProducer, for the origin transport.
@@ -1068,19 +1069,16 @@ class UpstreamExchange:
         self._connection = connection
         self.upstreamAddress = connection.peer
         connection.sendHead(self, self._head, self._method == b"HEAD")
-        self._flushPending()
+        if self._pendingBody:
+            connection.transport.writeSequence(self._pendingBody)
+            self._pendingBody = []
+            self._pendingSize = 0
         if self._bodyDone:
             self._armTimeout()
         else:
             connection.transport.registerProducer(self._valve, True)
             self._bodyRegistered = True
         self._valve.hold(False)
-
-    def _flushPending(self) -> None:
-        if self._pendingBody:
-            self._connection.transport.writeSequence(self._pendingBody)
-            self._pendingBody = []
-            self._pendingSize = 0
 
     # Request body, from the client side.
 
@@ -1511,7 +1509,8 @@ class UpstreamPool:
         if not connection.reusable or not connection.transport.connected:
             connection.transport.loseConnection()
             return
-        queue = self._waiters.get(connection.destination)
+        # Most releases find nobody waiting anywhere: no Destination hash then.
+        queue = self._waiters.get(connection.destination) if self._waiters else None
         if queue is not None and queue.plain:
             waiter = queue.plain[0]
             self._unqueue(waiter)
