@@ -863,6 +863,9 @@ class UpstreamConnection(Protocol):
         elif self._idleTimeout is not None:
             deadline = self.idleSince + self._idleTimeout
             if now >= deadline:
+                # As in UpstreamPool.closeIdle: it stays in the pool until
+                # the close completes, and must not be handed out meanwhile.
+                self.reusable = False
                 self.transport.loseConnection()
                 return
         else:

@@ -896,3 +896,15 @@ def test_requestsOnAPooledConnectionShareOneTimer() -> None:
     assert len(h.reactor.getDelayedCalls()) == 1
     t.protocol.connectionLost(Failure(ConnectionDone()))
     assert h.reactor.getDelayedCalls() == []
+
+
+def test_aConnectionClosingForIdlenessIsNotHandedOut() -> None:
+    """Between the idle timeout's close and the socket's end, a request gets a new connection."""
+    h = Harness(idle_timeout=4.0)
+    t = pooledAfterOneResponse(h)
+    h.reactor.advance(4.1)
+    assert t.disconnecting
+    t.clear()
+    h.exchange()
+    assert t.value() == b"", "a request was written on a connection being closed"
+    assert len(h.reactor.tcpClients) == 2
