@@ -49,6 +49,7 @@ from mydataproxy.egress.connect import connect
 from mydataproxy.http.headers import HeaderList
 from mydataproxy.http.target import Destination
 from mydataproxy.http.wire import logHead
+from mydataproxy.sockets import DirectWriter, directSocket
 from mydataproxy.egress.resolver import ResolutionTimeout
 from mydataproxy.tls.contexts import OriginTLS, TLSCheckFailed, describeHandshakeFailure
 
@@ -409,6 +410,8 @@ class UpstreamConnection(Protocol):
         # Made just before connecting: the connect time runs from here.
         self._openedAt = self._connectedAt = self._sentAt = now()
         self.exchange: "UpstreamExchange | None" = None
+        #: What the request bytes go through (set once connected).
+        self.writer: DirectWriter | None = None
         self.reused = False
         self.reusable = True
         self.peer = ""
@@ -449,6 +452,7 @@ class UpstreamConnection(Protocol):
         if ITCPTransport.providedBy(self.transport):
             # A body written after the head must not wait for a delayed ACK.
             self.transport.setTcpNoDelay(True)
+        self.writer = DirectWriter(self.transport, directSocket(self.transport))
         self.ready.callback(self)
 
     def handshakeCompleted(self) -> None:
@@ -472,7 +476,7 @@ class UpstreamConnection(Protocol):
         self._statusChecked = False
         self._sentAt = self._now()
         logHead(">>", self.peer, head)
-        self.transport.write(head)
+        self.writer.write(head)
 
     def relayTo(self, sink: RawSink) -> None:
         """
@@ -480,6 +484,8 @@ class UpstreamConnection(Protocol):
         half-close (from now on the connection takes one).
         """
         self._sink = sink
+        # The tunnel writes to the transport itself.
+        self.writer.stopWritingDirectly()
         alsoProvides(self, IHalfCloseableProtocol)
 
     def readConnectionLost(self) -> None:
@@ -1071,9 +1077,15 @@ class UpstreamExchange:
             return
         self._connection = connection
         self.upstreamAddress = connection.peer
+        if self._framing is not BodyFraming.NONE:
+            # The transport sends on the reactor's next turn: a body that
+            # breaks the framing rules in the read that brought its head is
+            # refused before the head has left.  (For good, on this
+            # connection: the transport's buffer can't be seen.)
+            connection.writer.stopWritingDirectly()
         connection.sendHead(self, self._head, self._method == b"HEAD")
         if self._pendingBody:
-            connection.transport.writeSequence(self._pendingBody)
+            connection.writer.writeSequence(self._pendingBody)
             self._pendingBody = []
             self._pendingSize = 0
         if self._bodyDone:
@@ -1099,7 +1111,7 @@ class UpstreamExchange:
             if self._pendingSize > PENDING_BODY_LIMIT:
                 self._valve.hold(True)
         else:
-            self._connection.transport.writeSequence(pieces)
+            self._connection.writer.writeSequence(pieces)
 
     def finishBody(self) -> None:
         """The request body is complete."""
@@ -1110,7 +1122,7 @@ class UpstreamExchange:
             if self._connection is None:
                 self._pendingBody.append(b"0\r\n\r\n")
             else:
-                self._connection.transport.write(b"0\r\n\r\n")
+                self._connection.writer.write(b"0\r\n\r\n")
         if self._connection is not None:
             self._unregisterBody()
             # A transport unregistering its producer does not resume it: a
