@@ -747,7 +747,9 @@ class ProxyChannel(Protocol):
             tunnel.fromClient(data)
 
     def _becomeTunnel(self) -> None:
-        self.setTimeout(None)
+        # The listener's sweep times tunnels out: no timer of ours stays
+        # pending for each of thousands of idle tunnels.
+        self._idleTimer.cancel()
         self._state = _Reading.TUNNEL
         # From here the tunnel wires the two sockets' back-pressure itself.
         self._producing = False

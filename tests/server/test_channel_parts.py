@@ -73,6 +73,14 @@ def test_a_shorter_period_fires_sooner():
     assert fired == [5]
 
 
+def test_cancel_then_stopping_again_leaves_no_timer():
+    clock, timer, fired = _timer()
+    timer.start(10)
+    timer.cancel()
+    timer.start(None)
+    assert clock.getDelayedCalls() == []
+
+
 def test_cancel_leaves_no_timer():
     clock, timer, fired = _timer()
     timer.start(10)
