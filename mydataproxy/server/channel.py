@@ -361,7 +361,8 @@ class ProxyChannel(Protocol):
 
     def setTimeout(self, period: float | None) -> None:
         """Count C{period} seconds of client silence from now (L{None}: don't)."""
-        self._idleTimer.start(period)
+        if self._idleTimer is not None:  # none once a tunnel
+            self._idleTimer.start(period)
 
     # Connection life.
 
@@ -747,14 +748,15 @@ class ProxyChannel(Protocol):
             tunnel.fromClient(data)
 
     def _becomeTunnel(self) -> None:
-        # The listener's sweep times tunnels out: no timer of ours stays
-        # pending for each of thousands of idle tunnels.
+        # The listener's sweep times tunnels out, and a tunnel writes through
+        # the transport: neither the idle timer nor the writer is kept for
+        # each of thousands of idle tunnels.
         self._idleTimer.cancel()
+        self._idleTimer = None
+        self.writer = None
         self._state = _Reading.TUNNEL
         # From here the tunnel wires the two sockets' back-pressure itself.
         self._producing = False
-        # A tunnel writes through the transport.
-        self.writer.stopWritingDirectly()
         self.transport.unregisterProducer()
 
     # The client closing.
