@@ -41,9 +41,6 @@ class Events:
         self.outcome: str | None = None
         self.failure: UpstreamError | None = None
 
-    def activity(self) -> None:
-        pass
-
     def headReceived(self, status, reason, fields, bodyLength, declaredLength) -> None:
         assert self.head is None, "a second head for one exchange"
         self.head = (status, reason, list(fields), bodyLength, declaredLength)
