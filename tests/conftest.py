@@ -1191,3 +1191,13 @@ class LogWatch:
             if time.monotonic() > deadline:
                 pytest.fail(f"no proxy log line matches {pattern!r}; new log lines:\n{new[-4000:]}")
             time.sleep(0.05)
+
+
+@pytest.fixture
+def seoul(monkeypatch: pytest.MonkeyPatch):
+    """Local time is Asia/Seoul (UTC+9, no DST) for the test, and what it was after."""
+    with monkeypatch.context() as m:
+        m.setenv("TZ", "Asia/Seoul")
+        time.tzset()
+        yield
+    time.tzset()

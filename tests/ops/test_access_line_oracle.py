@@ -169,16 +169,6 @@ def test_theLineOfASmallForwardedGetIsTheOracles() -> None:
     )
 
 
-@pytest.fixture
-def seoul(monkeypatch: pytest.MonkeyPatch):
-    """Local time is Asia/Seoul (UTC+9) for the test, and what it was after."""
-    with monkeypatch.context() as m:
-        m.setenv("TZ", "Asia/Seoul")
-        time.tzset()
-        yield
-    time.tzset()
-
-
 @pytest.mark.parametrize("local", [False, True])
 def test_timestampsAreTheOracles(local: bool, seoul) -> None:
     @given(st.lists(st.floats(min_value=1.0, max_value=4e9), min_size=1, max_size=20))

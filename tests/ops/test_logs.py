@@ -226,16 +226,6 @@ def parse_combined(line: str) -> dict:
     return fields
 
 
-@pytest.fixture
-def seoul(monkeypatch: pytest.MonkeyPatch):
-    """Local time is Asia/Seoul (UTC+9, no DST) for the test, and what it was after."""
-    with monkeypatch.context() as m:
-        m.setenv("TZ", "Asia/Seoul")
-        time.tzset()
-        yield
-    time.tzset()
-
-
 def written(tmp_path: Path, records: list[dict], **settings) -> list[str]:
     """The lines an access log with C{settings} writes for C{records} (keyword arguments of C{record})."""
     path = tmp_path / f"access-{len(list(tmp_path.iterdir()))}.log"
