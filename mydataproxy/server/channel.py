@@ -247,7 +247,7 @@ class IdleTimer:
             self._since = self._clock.seconds()
 
     def cancel(self) -> None:
-        """Stop for good (the connection is gone)."""
+        """Stop for good (the connection is gone, or is a tunnel now)."""
         self._period = None
         if self._call is not None:
             if self._call.active():
@@ -428,8 +428,6 @@ class ProxyChannel(Protocol):
                 self.transport.unregisterProducer()
             self._closeCall = self.callLater(CLOSE_SECONDS, self.transport.abortConnection)
         self.transport.loseConnection()
-
-    # Writing to the client.
 
     # IPushProducer: the client's side of the writes.
 
