@@ -14,8 +14,9 @@ failed (L{tlsCheck}).
 The hot path is cheap: the request families (count, duration, body bytes)
 are counted here, in plain floats bound once per (mode, method class,
 status), and turned into families only when scraped
-(L{ProxyMetrics._collectRequests}).  prometheus_client takes a lock and
-checks the child on every C{inc} and C{observe}, four times a request;
+(L{ProxyMetrics._collectRequests}); so is the time to an origin's first
+byte, per destination.  prometheus_client takes a lock and
+checks the child on every C{inc} and C{observe}, five times a request;
 no lock is needed here, as the reactor thread is the only one that counts
 and the only one that scrapes.  Values that already live elsewhere (open
 connections, tunnels, pool connections, queue depths, lines a log dropped,
@@ -69,6 +70,12 @@ _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _REQUEST_BOUNDS = (*_REQUEST_BUCKETS, float("inf"))
 _REQUEST_LE = tuple(floatToGoString(bound) for bound in _REQUEST_BOUNDS)
 _UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_UPSTREAM_BOUNDS = (*_UPSTREAM_BUCKETS, float("inf"))
+_UPSTREAM_LE = tuple(floatToGoString(bound) for bound in _UPSTREAM_BOUNDS)
+_FIRST_BYTE = (
+    "mydataproxy_upstream_first_byte_seconds",
+    "Time from a request head written to an origin to the first byte of its response, by destination",
+)
 _QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # Whether prometheus_client writes _created samples: its documented switch,
@@ -182,6 +189,23 @@ class _ModeCounts:
         self.created = time.time()
 
 
+class _Timings:
+    """One series of a histogram counted here: a count per bucket of C{bounds} (not cumulative), their sum."""
+
+    __slots__ = ("bounds", "buckets", "seconds", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0.0] * len(bounds)
+        self.seconds = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        # Prometheus' bucket: the first bound not below the value.
+        self.buckets[bisect_left(self.bounds, seconds)] += 1
+        self.seconds += seconds
+
+
 class ProxyMetrics:
     """
     The proxy's metrics, on C{registry} (a new one if not given): build one
@@ -203,11 +227,9 @@ class ProxyMetrics:
             "mydataproxy_upstream_tls_handshake_seconds", "Time of the TLS handshake with an origin, by destination",
             ["destination"], buckets=_UPSTREAM_BUCKETS, registry=registry,
         )
-        self.firstByteSeconds = Histogram(
-            "mydataproxy_upstream_first_byte_seconds",
-            "Time from a request head written to an origin to the first byte of its response, by destination",
-            ["destination"], buckets=_UPSTREAM_BUCKETS, registry=registry,
-        )
+        # Observed once per exchange: counted like the request families.
+        self._firstBytes: dict[str, _Timings] = {}
+        registry.register(_Collector(self._collectFirstBytes, self._firstByteFamilies))
         self.tlsFailures = Counter(
             "mydataproxy_upstream_tls_failures", "Failed TLS handshakes with origins, by destination and check",
             ["destination", "check"], registry=registry,
@@ -338,6 +360,24 @@ class ProxyMetrics:
         yield received
         yield sent
 
+    def firstByte(self, label: str, seconds: float) -> None:
+        """An origin of destination C{label} sent its first response byte C{seconds} after the request head."""
+        timings = self._firstBytes.get(label)
+        if timings is None:
+            timings = self._firstBytes[label] = _Timings(_UPSTREAM_BOUNDS)
+        timings.observe(seconds)
+
+    def _firstByteFamilies(self) -> list[Metric]:
+        return [HistogramMetricFamily(*_FIRST_BYTE, labels=["destination"])]
+
+    def _collectFirstBytes(self) -> Iterator[Metric]:
+        [family] = self._firstByteFamilies()
+        for label, timings in self._firstBytes.items():
+            family.add_metric([label], list(zip(_UPSTREAM_LE, itertools.accumulate(timings.buckets))), timings.seconds)
+            if _CREATED:
+                family.samples.append(Sample(family.name + "_created", {"destination": label}, timings.created))
+        yield family
+
     def _collect(self) -> Iterator[Metric]:
         connections = GaugeMetricFamily(
             "mydataproxy_client_connections", "Client connections open, by listener", labels=["listener"]
@@ -458,7 +498,6 @@ class UpstreamMetrics:
             children = self._timings[label] = (
                 metrics.connectSeconds.labels(label),
                 metrics.handshakeSeconds.labels(label),
-                metrics.firstByteSeconds.labels(label),
             )
         return children
 
@@ -472,7 +511,7 @@ class UpstreamMetrics:
 
     def firstByte(self, label: str, seconds: float) -> None:
         """The first response byte from an origin of C{label} came C{seconds} after the request head."""
-        self._children(label)[2].observe(seconds)
+        self._metrics.firstByte(label, seconds)
 
     def tlsFailed(self, label: str, what: str) -> None:
         """A TLS handshake with an origin of C{label} failed, as C{what} says."""
