@@ -174,21 +174,6 @@ class _Count:
         self.created = time.time()
 
 
-class _ModeCounts:
-    """
-    One mode's series: its request durations (a count per bucket of
-    L{_REQUEST_BOUNDS}, not cumulative) and their sum, the body bytes
-    received and sent, and when they were first counted.
-    """
-
-    __slots__ = ("buckets", "seconds", "received", "sent", "created")
-
-    def __init__(self) -> None:
-        self.buckets = [0.0] * len(_REQUEST_BOUNDS)
-        self.seconds = self.received = self.sent = 0.0
-        self.created = time.time()
-
-
 class _Timings:
     """One series of a histogram counted here: a count per bucket of C{bounds} (not cumulative), their sum."""
 
@@ -204,6 +189,19 @@ class _Timings:
         # Prometheus' bucket: the first bound not below the value.
         self.buckets[bisect_left(self.bounds, seconds)] += 1
         self.seconds += seconds
+
+
+class _ModeCounts(_Timings):
+    """
+    One mode's series: its request durations (over L{_REQUEST_BOUNDS}), the
+    body bytes received and sent.
+    """
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        super().__init__(_REQUEST_BOUNDS)
+        self.received = self.sent = 0.0
 
 
 class ProxyMetrics:
@@ -277,9 +275,7 @@ class ProxyMetrics:
             series = self._bindRequest(key)
         count, counts = series
         count.value += 1
-        # Prometheus' bucket: the first bound not below the value.
-        counts.buckets[bisect_left(_REQUEST_BOUNDS, seconds)] += 1
-        counts.seconds += seconds
+        counts.observe(seconds)
         counts.received += bytesIn
         counts.sent += bytesOut
 
